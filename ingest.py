@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["connect_db", "load_files", "validate_record", "insert_records", "main"]
+__all__ = ["connect_db", "insert_records", "load_files", "main", "validate_record"]
 __version__ = "0.1.0"
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ DEFAULTS = {
     "LOG_LEVEL": "INFO",
 }
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,10 +361,9 @@ class _Buffer:
                     return value
                 # A number at the very end of the window may go on in the next chunk.
             except json.JSONDecodeError as exc:
-                cut = _may_be_cut(exc, len(self.text))
-                if self.eof and cut:
+                if self.eof and _at_end(exc, self.text):
                     raise FileFormatError(f"file ends inside a record at {self.where(self.pos)} (truncated?)") from None
-                if not cut:
+                if self.eof or not _may_be_cut(exc, len(self.text)):
                     raise FileFormatError(f"invalid JSON at {self.where(exc.pos)}: {exc.msg}") from None
             except RecursionError:
                 raise FileFormatError(f"JSON nested too deeply at {self.where(self.pos)}") from None
@@ -379,7 +378,12 @@ class _Buffer:
 
 
 def _may_be_cut(exc: json.JSONDecodeError, length: int) -> bool:
+    """Could this error be the window's end cutting a value (a literal is at most 9 chars)?"""
     return exc.msg.startswith("Unterminated string") or exc.pos >= length - 16
+
+
+def _at_end(exc: json.JSONDecodeError, text: str) -> bool:
+    return exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip())
 
 
 def _iter_json_document(text: io.TextIOBase) -> Iterator[tuple[int, object]]:
@@ -824,7 +828,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _redact(text: str, password: str | None) -> str:
     text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.I)
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
     if password:
         text = text.replace(password, "***")
     return text
