@@ -47,3 +47,61 @@ SELECT create_hypertable(
     if_not_exists => TRUE,
     migrate_data => TRUE
 );
+
+-- ---------------------------------------------------------------------------------------------
+-- Bookkeeping of the loader itself (not part of the downstream contract).
+-- ---------------------------------------------------------------------------------------------
+
+-- One row per run: what each cron run did. A run killed before it could finish stays 'running'
+-- until the next run finds its advisory lock free and marks it 'interrupted'.
+CREATE TABLE IF NOT EXISTS ingest_runs (
+    run_id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    started_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at      TIMESTAMPTZ,
+    status           TEXT        NOT NULL DEFAULT 'running',
+    host             TEXT        NOT NULL,
+    pid              INTEGER     NOT NULL,
+    version          TEXT        NOT NULL,
+    data_dir         TEXT        NOT NULL,
+    on_conflict      TEXT        NOT NULL,
+    files_seen       BIGINT      NOT NULL DEFAULT 0,
+    files_loaded     BIGINT      NOT NULL DEFAULT 0,
+    files_skipped    BIGINT      NOT NULL DEFAULT 0,
+    files_failed     BIGINT      NOT NULL DEFAULT 0,
+    records_read     BIGINT      NOT NULL DEFAULT 0,
+    records_rejected BIGINT      NOT NULL DEFAULT 0,
+    rows_inserted    BIGINT      NOT NULL DEFAULT 0,
+    rows_updated     BIGINT      NOT NULL DEFAULT 0,
+    rows_duplicate   BIGINT      NOT NULL DEFAULT 0,
+    error            TEXT
+);
+
+-- The file manifest: one row per file (path relative to DATA_DIR), written in the same
+-- transaction as the file's rows. A file whose size and modification time (or, when only the
+-- time changed, content hash) match a row here is skipped without being parsed.
+CREATE TABLE IF NOT EXISTS ingest_files (
+    path             TEXT        PRIMARY KEY,
+    size             BIGINT      NOT NULL,
+    mtime_ns         BIGINT      NOT NULL,
+    sha256           TEXT,
+    status           TEXT        NOT NULL CHECK (status IN ('loaded', 'failed')),
+    records_read     BIGINT      NOT NULL DEFAULT 0,
+    records_rejected BIGINT      NOT NULL DEFAULT 0,
+    rows_inserted    BIGINT      NOT NULL DEFAULT 0,
+    rows_updated     BIGINT      NOT NULL DEFAULT 0,
+    rows_duplicate   BIGINT      NOT NULL DEFAULT 0,
+    error            TEXT,
+    loaded_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    run_id           BIGINT      REFERENCES ingest_runs (run_id) ON DELETE SET NULL
+);
+
+-- Keys written during a run in --on-conflict update mode, so that a later file of the same run
+-- does not overwrite a key an earlier file set (first in order wins in both modes). Unlogged and
+-- emptied at the end of each run: it is scratch space, not history.
+CREATE UNLOGGED TABLE IF NOT EXISTS ingest_run_keys (
+    run_id      BIGINT      NOT NULL,
+    user_id     TEXT        NOT NULL,
+    metric      TEXT        NOT NULL,
+    "timestamp" TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (run_id, user_id, metric, "timestamp")
+);
