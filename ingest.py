@@ -20,13 +20,15 @@ import argparse
 import dataclasses
 import datetime as dt
 import gzip
+import hashlib
 import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
-import shutil
+import signal
 import socket
 import stat
 import sys
@@ -55,7 +57,12 @@ REJECT_RECORD_CHARS = 1000  # a rejected record is quoted up to this many charac
 READ_CHUNK_CHARS = 1 << 20  # characters read from a file at a time
 SCHEMA_PATH = Path(__file__).resolve().parent / "sql" / "schema.sql"
 SCHEMA_LOCK_KEY = 0x46_49_54_42  # advisory lock held while the schema is applied ("FITB")
-TRANSIENT_RETRIES = 3  # deadlock / serialization failure: a file is tried this many times
+FILE_LOCK_NS = 0x46_49_4C_45  # advisory lock (namespace, hashtext(path)) claims a file ("FILE")
+RUN_LOCK_NS = 0x52_55_4E_53  # advisory lock (namespace, run_id) held while a run is alive ("RUNS")
+# Transient database errors (connection lost, restart, deadlock, serialization failure): a file is
+# retried this many times, waiting 0.5, 1, 2, 4, 8, 8, 8 s between attempts (~30 s in all).
+RETRY_ATTEMPTS, RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 8, 0.5, 8.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -69,6 +76,8 @@ DEFAULTS = {
     "DATA_DIR": "./Task-0/extracted_data",
     "SOURCE_TIMEZONE": "UTC",
     "BATCH_SIZE": "20000",
+    "ON_CONFLICT": "nothing",
+    "WORKERS": "1",
     "REJECT_FILE": "./rejects/rejects.jsonl",
     "LOG_LEVEL": "INFO",
 }
@@ -85,8 +94,10 @@ class Config:
     source_tz: dt.tzinfo
     batch_size: int
     reject_file: Path
-    summary_json: Path | None
     log_level: str
+    on_conflict: str = "nothing"
+    workers: int = 1
+    force: bool = False
     bootstrap: bool = True
 
     def describe_db(self) -> str:
@@ -279,28 +290,74 @@ class DataFile:
     kind: str  # "json" or "jsonl"
     gzipped: bool
 
-    def records(self) -> Iterator[tuple[int, object]]:
-        """Yield (position, decoded value): position is the 1-based record (or line) number."""
+    def records(self, digest: Digest | None = None) -> Iterator[tuple[int, object]]:
+        """Yield (position, decoded value): position is the 1-based record (or line) number.
+
+        With ``digest``, the file's bytes as read are hashed and counted into it; a fully read
+        file is read to its end, so the digest covers every byte.
+        """
         try:
-            with self._open() as text:
+            with self._open(digest) as text:
                 if self.kind == "jsonl":
                     yield from _iter_json_lines(text)
                 else:
                     yield from _iter_json_document(text)
+                while text.buffer.read(READ_CHUNK_CHARS):  # bytes after the last record
+                    pass
         except FileFormatError:
             raise
         except (OSError, EOFError, UnicodeDecodeError) as exc:
             raise FileFormatError(_describe_read_error(exc, self.gzipped)) from None
 
-    def _open(self) -> io.TextIOWrapper:
-        raw = open(self.path, "rb")  # noqa: SIM115 (closed through the wrapper)
+    def _open(self, digest: Digest | None) -> io.TextIOWrapper:
+        raw = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed through the wrapper)
         try:
-            binary = gzip.GzipFile(fileobj=raw, mode="rb") if self.gzipped else raw
-            head = binary.peek(4)[:4] if hasattr(binary, "peek") else b""
+            binary: io.BufferedIOBase = io.BufferedReader(
+                _HashingReader(raw, digest) if digest else raw, buffer_size=1 << 20)
+            if self.gzipped:
+                binary = gzip.GzipFile(fileobj=binary, mode="rb")
+            head = binary.peek(4)[:4]
             return io.TextIOWrapper(binary, encoding=_sniff_encoding(head), newline="")
         except BaseException:
             raw.close()
             raise
+
+
+class Digest:
+    """SHA-256 and byte count of a file, computed while it is read."""
+
+    def __init__(self) -> None:
+        self.sha256, self.size = hashlib.sha256(), 0
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, raw, digest: Digest) -> None:
+        self._raw, self._digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self._raw.readinto(buffer)
+        if count:
+            self._digest.sha256.update(memoryview(buffer)[:count])
+            self._digest.size += count
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _file_digest(path: Path) -> Digest:
+    digest = Digest()
+    with open(path, "rb", buffering=0) as raw, _HashingReader(raw, digest) as reader:
+        while reader.read(READ_CHUNK_CHARS):
+            pass
+    return digest
 
 
 def _sniff_encoding(head: bytes) -> str:
@@ -593,7 +650,8 @@ class _CopySource:
 
 class InsertResult(NamedTuple):
     inserted: int
-    duplicate: int
+    duplicate: int  # already present (unchanged, in update mode) or repeated earlier in the run
+    updated: int = 0
 
 
 _STAGE_SQL = """
@@ -602,56 +660,87 @@ CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
     ts TIMESTAMPTZ NOT NULL, value DOUBLE PRECISION NOT NULL
 ) ON COMMIT DELETE ROWS
 """
-_MERGE_SQL = """
-INSERT INTO raw_data (user_id, metric, "timestamp", value)
+_FIRST_PER_KEY = """
 SELECT DISTINCT ON (user_id, metric, ts) user_id, metric, ts, value
-FROM ingest_stage
-ORDER BY user_id, metric, ts, seq
+FROM ingest_stage ORDER BY user_id, metric, ts, seq
+"""
+_MERGE_NOTHING_SQL = f"""
+INSERT INTO raw_data (user_id, metric, "timestamp", value)
+{_FIRST_PER_KEY}
 ON CONFLICT (user_id, metric, "timestamp") DO NOTHING
+"""
+# Update mode: a key an earlier file of this run wrote (ingest_run_keys) is left alone, so the
+# first record in order wins within a run; keys from earlier runs get the new value.
+_MERGE_UPDATE_SQL = f"""
+WITH src AS ({_FIRST_PER_KEY}),
+fresh AS (
+    INSERT INTO ingest_run_keys (run_id, user_id, metric, "timestamp")
+    SELECT %(run_id)s, user_id, metric, ts FROM src
+    ON CONFLICT DO NOTHING
+    RETURNING user_id, metric, "timestamp" AS ts
+),
+merged AS (
+    INSERT INTO raw_data (user_id, metric, "timestamp", value)
+    SELECT src.user_id, src.metric, src.ts, src.value FROM src JOIN fresh USING (user_id, metric, ts)
+    ON CONFLICT (user_id, metric, "timestamp") DO UPDATE SET value = EXCLUDED.value
+    WHERE raw_data.value IS DISTINCT FROM EXCLUDED.value
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged
 """
 
 
-def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, batch_size: int = 20000) -> InsertResult:
-    """Insert rows into raw_data inside the caller's transaction; existing keys are kept.
+def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, batch_size: int = 20000,
+                   on_conflict: str = "nothing", run_id: int = 0) -> InsertResult:
+    """Insert rows into raw_data inside the caller's transaction.
 
-    ``rows`` may be a zero-argument callable that returns a fresh iterable each call: then the
-    rows are first COPY'd straight into raw_data (the fast path), and only if a key already
-    exists is that attempt rolled back to a savepoint and the rows sent again through a staging
-    table, where the first occurrence of a key wins. A plain iterable goes to staging directly.
-    Counts come from what the database reports for each statement.
+    ``on_conflict="nothing"`` keeps existing rows; ``"update"`` stores the new value where the key
+    exists with a different one (``run_id`` names the run, whose earlier keys are not overwritten).
+    ``rows`` may be a zero-argument callable that returns a fresh iterable each call: then, in
+    "nothing" mode, the rows are first COPY'd straight into raw_data (the fast path), and only if
+    a key already exists is that attempt rolled back to a savepoint and the rows sent again
+    through a staging table, where the first occurrence of a key wins. Counts come from what the
+    database reports for each statement.
     """
     with conn.cursor() as cur:
-        if callable(rows):
+        if callable(rows) and on_conflict == "nothing":
             cur.execute("SAVEPOINT ingest_direct")
-            source = _CopySource(rows(), batch_size, numbered=False)
             try:
-                copied = source.copy_into(cur, 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN')
+                copied = _CopySource(rows(), batch_size, numbered=False).copy_into(
+                    cur, 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN')
             except _psycopg2().errors.UniqueViolation:
                 cur.execute("ROLLBACK TO SAVEPOINT ingest_direct")
             else:
                 cur.execute("RELEASE SAVEPOINT ingest_direct")
                 return InsertResult(copied, 0)
-            rows = rows()
         cur.execute(_STAGE_SQL)
-        staged = _CopySource(rows, batch_size, numbered=True).copy_into(
+        staged = _CopySource(rows() if callable(rows) else rows, batch_size, numbered=True).copy_into(
             cur, "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN")
         cur.execute("SET LOCAL work_mem = '256MB'")
-        cur.execute(_MERGE_SQL)
-        inserted = cur.rowcount
+        if on_conflict == "update":
+            cur.execute(_MERGE_UPDATE_SQL, {"run_id": run_id})
+            inserted, updated = cur.fetchone()
+        else:
+            cur.execute(_MERGE_NOTHING_SQL)
+            inserted, updated = cur.rowcount, 0
         cur.execute("TRUNCATE ingest_stage")
-        return InsertResult(inserted, staged - inserted)
+        return InsertResult(inserted, staged - inserted - updated, updated)
 
 
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
+COUNTS = ("records_read", "records_rejected", "rows_inserted", "rows_updated", "rows_duplicate")
+
+
 @dataclasses.dataclass
 class FileResult:
     file: str
-    status: str = "loaded"  # loaded | failed
+    status: str = "loaded"  # loaded | failed | skipped (unchanged) | busy (claimed by another loader)
     records_read: int = 0
     records_rejected: int = 0
     rows_inserted: int = 0
+    rows_updated: int = 0
     rows_duplicate: int = 0
     error: str | None = None
     seconds: float = 0.0
@@ -659,70 +748,93 @@ class FileResult:
 
 @dataclasses.dataclass
 class Summary:
+    run_id: int | None = None
     files_seen: int = 0
     files_loaded: int = 0
+    files_skipped: int = 0
+    files_busy: int = 0
     files_failed: int = 0
     records_read: int = 0
     records_rejected: int = 0
     rows_inserted: int = 0
+    rows_updated: int = 0
     rows_duplicate: int = 0
     seconds: float = 0.0
-    status: str = "ok"
+    status: str = "running"
     error: str | None = None
     files: list = dataclasses.field(default_factory=list)
 
     def add(self, result: FileResult) -> None:
         self.files_seen += 1
         self.files.append(dataclasses.asdict(result))
-        if result.status == "failed":
-            self.files_failed += 1
-            return
-        self.files_loaded += 1
-        for key in ("records_read", "records_rejected", "rows_inserted", "rows_duplicate"):
-            setattr(self, key, getattr(self, key) + getattr(result, key))
+        key = f"files_{result.status}"
+        setattr(self, key, getattr(self, key) + 1)
+        if result.status == "loaded":
+            for name in COUNTS:
+                setattr(self, name, getattr(self, name) + getattr(result, name))
 
     def line(self) -> str:
-        keys = ("files_seen", "files_loaded", "files_failed", "records_read", "records_rejected",
-                "rows_inserted", "rows_duplicate")
+        keys = ("files_seen", "files_loaded", "files_skipped", "files_busy", "files_failed", *COUNTS)
         return " ".join(f"{k}={getattr(self, k)}" for k in keys) + f" seconds={self.seconds:.2f}"
 
 
 class _RejectLog:
-    """Rejects of the current file, spooled, and appended to the reject file once it commits."""
+    """Rejects of the current file, spooled, then appended to the reject file after it commits.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    Appends are single O_APPEND writes per file, so several worker processes can share the file.
+    """
+
+    def __init__(self, path: Path, run_id: int | None) -> None:
+        self.path, self.run_id = path, run_id
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._out = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ConfigError(f"cannot write the reject file {path}: {exc.strerror or exc}") from None
-        self._spool = self._new_spool()
-
-    @staticmethod
-    def _new_spool():
-        return tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+", encoding="utf-8")
+        self._spool = io.StringIO()
 
     def add(self, file: str, position: int | None, reason: str, record: object = None) -> None:
-        entry = {"file": file, "position": position, "reason": reason, "record": _quote(record)}
+        entry = {"run_id": self.run_id, "file": file, "position": position, "reason": reason,
+                 "record": _quote(record)}
         self._spool.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        if self._spool.tell() > 1 << 22:  # keep memory bounded on a file full of rejects
+            self._spill()
+
+    def _spill(self) -> None:
+        if not hasattr(self, "_disk"):
+            self._disk = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 (closed in discard)
+        self._disk.write(self._spool.getvalue())
+        self._spool = io.StringIO()
 
     def discard(self) -> None:
-        self._spool.close()
-        self._spool = self._new_spool()
+        self._spool = io.StringIO()
+        if hasattr(self, "_disk"):
+            self._disk.close()
+            del self._disk
 
     def publish(self) -> None:
-        self._spool.seek(0)
         try:
-            shutil.copyfileobj(self._spool, self._out)
-            self._out.flush()
+            if hasattr(self, "_disk"):
+                self._spill()
+                self._disk.seek(0)
+                while chunk := self._disk.read(1 << 20):
+                    _write_all(self._fd, chunk.encode("utf-8"))
+            else:
+                _write_all(self._fd, self._spool.getvalue().encode("utf-8"))
         except OSError as exc:
             raise IngestError(f"cannot write the reject file {self.path}: {exc.strerror or exc}") from None
-        self.discard()
+        finally:
+            self.discard()
 
     def close(self) -> None:
-        self._spool.close()
-        self._out.close()
+        self.discard()
+        os.close(self._fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _quote(record: object) -> str | None:
@@ -738,15 +850,16 @@ def _quote(record: object) -> str | None:
 
 
 class _FileStats:
-    """Counts for one pass over one file (a retried pass starts from zero)."""
+    """Counts for one pass over one file (a second pass starts from zero)."""
 
     def __init__(self) -> None:
         self.read = self.rejected = self.extra_keys = 0
         self.extra_example: str | None = None
+        self.digest = Digest()
 
 
 def _valid_rows(df: DataFile, tz: dt.tzinfo, rejects: _RejectLog, stats: _FileStats) -> Iterator[Row]:
-    for position, obj in df.records():
+    for position, obj in df.records(stats.digest):
         stats.read += 1
         if type(obj) is Unparsable:
             stats.rejected += 1
@@ -765,53 +878,159 @@ def _valid_rows(df: DataFile, tz: dt.tzinfo, rejects: _RejectLog, stats: _FileSt
         yield row
 
 
-def _load_file(conn, df: DataFile, cfg: Config, rejects: _RejectLog) -> FileResult:
-    """Load one file in one transaction; retry it on deadlock or serialization failure."""
+_MANIFEST_UPSERT = """
+INSERT INTO ingest_files (path, size, mtime_ns, sha256, status, records_read, records_rejected,
+                          rows_inserted, rows_updated, rows_duplicate, error, loaded_at, run_id)
+VALUES (%(path)s, %(size)s, %(mtime_ns)s, %(sha256)s, %(status)s, %(records_read)s,
+        %(records_rejected)s, %(rows_inserted)s, %(rows_updated)s, %(rows_duplicate)s, %(error)s,
+        now(), %(run_id)s)
+ON CONFLICT (path) DO UPDATE SET
+    size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256,
+    status = EXCLUDED.status, records_read = EXCLUDED.records_read,
+    records_rejected = EXCLUDED.records_rejected, rows_inserted = EXCLUDED.rows_inserted,
+    rows_updated = EXCLUDED.rows_updated, rows_duplicate = EXCLUDED.rows_duplicate,
+    error = EXCLUDED.error, loaded_at = EXCLUDED.loaded_at, run_id = EXCLUDED.run_id
+"""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Connection lost, server restarting, serialization failure or deadlock: worth a retry."""
     psycopg2 = _psycopg2()
-    started = time.monotonic()
-    for attempt in range(1, TRANSIENT_RETRIES + 1):
+    if isinstance(exc, psycopg2.extensions.TransactionRollbackError):
+        return True
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return exc.pgcode is None or exc.pgcode.startswith(("08", "57P"))
+    return False
+
+
+class _Loader:
+    """Loads files one at a time over its own connection; one per process."""
+
+    def __init__(self, cfg: Config, run_id: int | None) -> None:
+        self.cfg, self.run_id = cfg, run_id
+        self.rejects = _RejectLog(cfg.reject_file, run_id)
+        self.conn = None
+
+    def close(self) -> None:
+        self.rejects.close()
+        if self.conn is not None:
+            self.conn.close()
+
+    def _connection(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = connect_db(self.cfg.conninfo, describe=self.cfg.describe_db())
+        return self.conn
+
+    def load(self, df: DataFile) -> FileResult:
+        """Load one file; on a transient database error reconnect and retry it, with backoff."""
+        started, delay = time.monotonic(), RETRY_FIRST_DELAY
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                result = self._load_once(df)
+                result.seconds = round(time.monotonic() - started, 3)
+                return result
+            except IngestError:
+                raise
+            except Exception as exc:
+                self.rejects.discard()
+                if not _is_transient(exc) or attempt == RETRY_ATTEMPTS:
+                    self._drop_connection()
+                    suffix = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
+                    raise DatabaseError(f"while loading {df.rel}: {_first_line(exc)}{suffix}") from exc
+                log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", df.rel, _first_line(exc),
+                            delay, attempt + 1, RETRY_ATTEMPTS)
+                self._drop_connection()
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            _rollback(self.conn)
+            self.conn.close()
+        self.conn = None
+
+    def _load_once(self, df: DataFile) -> FileResult:
+        conn = self._connection()
+        try:
+            st = df.path.stat()
+        except OSError as exc:
+            return self._fail(None, df, None, f"cannot read file: {exc.strerror or exc}")
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (FILE_LOCK_NS, df.rel))
+            if not cur.fetchone()[0]:
+                conn.rollback()
+                return FileResult(df.rel, "busy")
+            cur.execute("SELECT size, mtime_ns, sha256, status, error FROM ingest_files WHERE path = %s",
+                        (df.rel,))
+            known = cur.fetchone()
+            if known and not self.cfg.force and _unchanged(cur, df, st, known):
+                conn.commit()
+                note = f"unchanged since it failed: {known[4]}" if known[3] == "failed" else None
+                return FileResult(df.rel, "skipped", error=note)
+            cur.execute("SAVEPOINT ingest_file")
+        return self._insert(conn, df, st)
+
+    def _insert(self, conn, df: DataFile, st: os.stat_result) -> FileResult:
         stats = _FileStats()
 
         def fresh_rows() -> Iterator[Row]:
             nonlocal stats
             stats = _FileStats()
-            rejects.discard()
-            return _valid_rows(df, cfg.source_tz, rejects, stats)
+            self.rejects.discard()
+            return _valid_rows(df, self.cfg.source_tz, self.rejects, stats)
 
+        psycopg2 = _psycopg2()
         try:
-            result = insert_records(conn, fresh_rows, batch_size=cfg.batch_size)
-            conn.commit()
+            res = insert_records(conn, fresh_rows, batch_size=self.cfg.batch_size,
+                                 on_conflict=self.cfg.on_conflict, run_id=self.run_id or 0)
         except FileFormatError as exc:
-            return _fail_file(conn, df, rejects, str(exc), started)
+            return self._fail(conn, df, st, str(exc))
         except (psycopg2.errors.DataError, psycopg2.errors.IntegrityError) as exc:
-            reason = f"the database refused its rows: {_first_line(exc)}"
-            return _fail_file(conn, df, rejects, reason, started)
-        except psycopg2.extensions.TransactionRollbackError as exc:
-            _rollback(conn)
-            if attempt == TRANSIENT_RETRIES:
-                raise DatabaseError(f"{df.rel}: {_first_line(exc)} (tried {attempt} times)") from None
-            log.warning("%s: %s; retrying (attempt %d)", df.rel, _first_line(exc), attempt + 1)
-            time.sleep(0.1 * 2**attempt)
-            continue
-        except psycopg2.Error as exc:
-            _rollback(conn)
-            raise DatabaseError(f"while loading {df.rel}: {_first_line(exc)}") from None
-        rejects.publish()
+            return self._fail(conn, df, st, f"the database refused its rows: {_first_line(exc)}")
+        result = FileResult(df.rel, "loaded", stats.read, stats.rejected, res.inserted, res.updated,
+                            res.duplicate)
+        self._record(conn, df, stats.digest.size, st.st_mtime_ns, stats.digest.hexdigest(), result)
+        conn.commit()
+        self.rejects.publish()
         if stats.extra_keys:
-            log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s",
-                        df.rel, stats.extra_keys, "/".join(REQUIRED_KEYS), stats.extra_example)
-        return FileResult(df.rel, "loaded", stats.read, stats.rejected, result.inserted,
-                          result.duplicate, seconds=time.monotonic() - started)
-    raise AssertionError("unreachable")  # pragma: no cover
+            log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s", df.rel,
+                        stats.extra_keys, "/".join(REQUIRED_KEYS), stats.extra_example)
+        return result
+
+    def _fail(self, conn, df: DataFile, st: os.stat_result | None, reason: str) -> FileResult:
+        """The file is rolled back whole; its one reject line and manifest row say why."""
+        result = FileResult(df.rel, "failed", error=reason)
+        self.rejects.discard()
+        self.rejects.add(df.rel, None, f"file failed: {reason}")
+        if conn is not None and st is not None:
+            with conn.cursor() as cur:
+                cur.execute("ROLLBACK TO SAVEPOINT ingest_file")
+            self._record(conn, df, st.st_size, st.st_mtime_ns, None, result)
+            conn.commit()
+        self.rejects.publish()
+        return result
+
+    def _record(self, conn, df: DataFile, size: int, mtime_ns: int, sha256: str | None,
+                result: FileResult) -> None:
+        counts = {name: getattr(result, name) for name in COUNTS}
+        with conn.cursor() as cur:
+            cur.execute(_MANIFEST_UPSERT, {"path": df.rel, "size": size, "mtime_ns": mtime_ns,
+                                           "sha256": sha256, "status": result.status, "error": result.error,
+                                           "run_id": self.run_id, **counts})
 
 
-def _fail_file(conn, df: DataFile, rejects: _RejectLog, reason: str, started: float) -> FileResult:
-    """Roll the file back whole and record one reject line for it instead of its records."""
-    _rollback(conn)
-    rejects.discard()
-    rejects.add(df.rel, None, f"file failed: {reason}")
-    rejects.publish()
-    return FileResult(df.rel, "failed", error=reason, seconds=time.monotonic() - started)
+def _unchanged(cur, df: DataFile, st: os.stat_result, known: tuple) -> bool:
+    """Same size and mtime: unchanged. Same size, new mtime: compare content hashes."""
+    size, mtime_ns, sha256 = known[:3]
+    if size != st.st_size:
+        return False
+    if mtime_ns == st.st_mtime_ns:
+        return True
+    if sha256 is None or _file_digest(df.path).hexdigest() != sha256:
+        return False
+    cur.execute("UPDATE ingest_files SET mtime_ns = %s WHERE path = %s", (st.st_mtime_ns, df.rel))
+    return True
 
 
 def _rollback(conn) -> None:
@@ -834,27 +1053,175 @@ def _redact(text: str, password: str | None) -> str:
     return text
 
 
-def _run(cfg: Config, summary: Summary) -> None:
-    rejects = _RejectLog(cfg.reject_file)
-    conn = None
+# --- the run: run log, signals, workers -------------------------------------------------------
+class _Stop:
+    """Set by SIGINT/SIGTERM: the run stops between files. A second signal aborts at once."""
+
+    signum: int | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        cls.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, cls._handle)
+
+    @classmethod
+    def _handle(cls, signum, frame) -> None:
+        if cls.signum is not None:
+            raise KeyboardInterrupt
+        cls.signum = signum
+        log.warning("received %s: stopping after the current file", signal.Signals(signum).name)
+
+
+class Interrupted(IngestError):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} between files")
+        self.exit_code = 128 + signum
+
+
+def _start_run(conn, cfg: Config) -> int:
+    """Insert this run's row and hold its advisory lock; mark runs whose holder died interrupted."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT run_id FROM ingest_runs WHERE status = 'running'")
+        for (stale,) in cur.fetchall():
+            cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (RUN_LOCK_NS, stale % 2**31))
+            if cur.fetchone()[0]:
+                cur.execute("UPDATE ingest_runs SET status = 'interrupted', finished_at = now() "
+                            "WHERE run_id = %s AND status = 'running'", (stale,))
+                cur.execute("DELETE FROM ingest_run_keys WHERE run_id = %s", (stale,))
+                cur.execute("SELECT pg_advisory_unlock(%s, %s)", (RUN_LOCK_NS, stale % 2**31))
+        cur.execute("INSERT INTO ingest_runs (host, pid, version, data_dir, on_conflict) "
+                    "VALUES (%s, %s, %s, %s, %s) RETURNING run_id",
+                    (socket.gethostname(), os.getpid(), __version__, str(cfg.data_dir.resolve()),
+                     cfg.on_conflict))
+        run_id = cur.fetchone()[0]
+        cur.execute("SELECT pg_advisory_lock(%s, %s)", (RUN_LOCK_NS, run_id % 2**31))
+    conn.commit()
+    return run_id
+
+
+def _finish_run(cfg: Config, conn, summary: Summary) -> None:
+    """Record the run's outcome; reconnect once if the connection was lost meanwhile."""
+    psycopg2 = _psycopg2()
+    counts = {k: getattr(summary, k) for k in ("files_seen", "files_loaded", "files_failed", *COUNTS)}
+    counts["files_skipped"] = summary.files_skipped + summary.files_busy
+    sets = ", ".join(f"{k} = %({k})s" for k in counts)
+    for attempt in (1, 2):
+        try:
+            if attempt == 2 or conn.closed:
+                conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
+            with conn.cursor() as cur:
+                cur.execute(f"UPDATE ingest_runs SET finished_at = now(), status = %(status)s, "
+                            f"error = %(error)s, {sets} WHERE run_id = %(run_id)s",
+                            {**counts, "status": summary.status, "error": summary.error, "run_id": summary.run_id})
+                cur.execute("DELETE FROM ingest_run_keys WHERE run_id = %s", (summary.run_id,))
+            conn.commit()
+            return
+        except (psycopg2.Error, IngestError) as exc:
+            if attempt == 2:
+                log.warning("could not record the end of run %s in ingest_runs: %s", summary.run_id,
+                            _first_line(exc))
+        finally:
+            if attempt == 2 or not conn.closed:
+                conn.close()
+
+
+def _report(summary: Summary, result: FileResult) -> None:
+    summary.add(result)
+    if result.status in ("skipped", "busy"):
+        why = "unchanged" if result.status == "skipped" else "claimed by another loader"
+        log.info("skipped %s: %s%s", result.file, why, f" ({result.error})" if result.error else "")
+        return
+    level = logging.INFO if result.status == "loaded" else logging.ERROR
+    log.log(level, "%s %s: read=%d rejected=%d inserted=%d updated=%d duplicate=%d (%.2fs)%s",
+            result.status, result.file, result.records_read, result.records_rejected, result.rows_inserted,
+            result.rows_updated, result.rows_duplicate, result.seconds,
+            f" - {result.error}" if result.error else "")
+
+
+def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: Summary) -> None:
+    loader = _Loader(cfg, run_id)
     try:
-        conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
+        for df in files:
+            if _Stop.signum is not None:
+                raise Interrupted(_Stop.signum)
+            _report(summary, loader.load(df))
+    finally:
+        loader.close()
+
+
+_WORKER: _Loader | None = None
+
+
+def _worker_init(cfg: Config, run_id: int, level: int) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr, force=True)
+    log.setLevel(level)
+    _WORKER = _Loader(cfg, run_id)
+
+
+def _worker_load(df: DataFile) -> FileResult:
+    return _WORKER.load(df)
+
+
+def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Summary) -> None:
+    """Hand files to worker processes; each claims its file through the same database lock."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    todo = iter(files)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_worker_init,
+                             initargs=(cfg, run_id, log.getEffectiveLevel())) as pool:
+        pending = {}
+
+        def submit_next() -> None:
+            df = next(todo, None) if _Stop.signum is None else None
+            if df is not None:
+                pending[pool.submit(_worker_load, df)] = df
+
+        for _ in range(cfg.workers):
+            submit_next()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                del pending[future]
+                _report(summary, future.result())
+                submit_next()
+    if _Stop.signum is not None and len(summary.files) < len(files):
+        raise Interrupted(_Stop.signum)
+
+
+def _run(cfg: Config, summary: Summary) -> None:
+    _RejectLog(cfg.reject_file, None).close()  # fail early (exit 2) if it cannot be written
+    conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
+    try:
         if cfg.bootstrap:
             try:
                 apply_schema(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
             except _psycopg2().Error as exc:
                 raise DatabaseError(f"cannot apply {SCHEMA_PATH.name}: {_first_line(exc)}") from None
-        for df in load_files(cfg.data_dir):
-            result = _load_file(conn, df, cfg, rejects)
-            summary.add(result)
-            level = logging.INFO if result.status == "loaded" else logging.ERROR
-            log.log(level, "%s %s: read=%d rejected=%d inserted=%d duplicate=%d (%.2fs)%s",
-                    result.status, df.rel, result.records_read, result.records_rejected,
-                    result.rows_inserted, result.rows_duplicate, result.seconds,
-                    f" - {result.error}" if result.error else "")
+        try:
+            summary.run_id = _start_run(conn, cfg)
+        except _psycopg2().Error as exc:
+            raise DatabaseError(f"cannot start the run: {_first_line(exc)}") from None
+        try:
+            files = list(load_files(cfg.data_dir))
+            load = _load_parallel if cfg.workers > 1 and len(files) > 1 else _load_sequential
+            load(cfg, summary.run_id, files, summary)
+            summary.status = "rejects" if summary.files_failed or summary.records_rejected else "ok"
+        except Interrupted as exc:
+            summary.status, summary.error = "interrupted", str(exc)
+            raise
+        except BaseException as exc:
+            summary.status, summary.error = "failed", str(exc) or type(exc).__name__
+            raise
+        finally:
+            summary.files.sort(key=lambda f: f["file"])
+            _finish_run(cfg, conn, summary)
     finally:
-        rejects.close()
-        if conn is not None:
+        if not conn.closed:
             conn.close()
 
 
@@ -871,22 +1238,45 @@ def _positive_int(text: str) -> int:
     return number
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in allowed:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text.lower()
+
+    return parse
+
+
+# (flag, environment variable, parser, help). Defaults live in DEFAULTS, keyed by the variable.
+SETTINGS = (
+    ("--data-dir", "DATA_DIR", str, "directory to read, recursively"),
+    ("--source-timezone", "SOURCE_TIMEZONE", str, "IANA zone for timestamps without an offset"),
+    ("--batch-size", "BATCH_SIZE", _positive_int, "rows handed to COPY at a time"),
+    ("--on-conflict", "ON_CONFLICT", _choice("nothing", "update"),
+     "existing key: keep the stored row (nothing) or store the new value (update)"),
+    ("--workers", "WORKERS", _positive_int, "files loaded in parallel by worker processes"),
+    ("--reject-file", "REJECT_FILE", str, "rejected records are appended here, as JSON Lines"),
+    ("--connect-timeout", "CONNECT_TIMEOUT", _positive_int, "seconds to wait for the database"),
+    ("--log-level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ingest.py",
-        description="Load Task-0 Fitbit JSON files into the TimescaleDB hypertable raw_data.",
-        epilog="Exit codes: 0 all loaded; 1 some records or files rejected; "
-        "2 usage or configuration error; 3 database unreachable or failed.",
+        description="Load Task-0 Fitbit JSON files into the TimescaleDB hypertable raw_data. "
+        "Settings: flag > environment > .env file > default. The database is set by DATABASE_URL, "
+        "or POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD "
+        "(environment or .env only, so the password never shows in a process list).",
+        epilog="Exit codes: 0 all loaded; 1 some records or files rejected; 2 usage or configuration "
+        "error; 3 database unreachable or failed; 130/143 stopped by SIGINT/SIGTERM between files.",
     )
-    p.add_argument("--data-dir", help="directory to read (env DATA_DIR; default ./Task-0/extracted_data)")
+    for flag, env, parse, text in SETTINGS:
+        p.add_argument(flag, type=parse, help=f"{text} (env {env}; default {DEFAULTS[env]})")
     p.add_argument("--env-file", help="dotenv file to read settings from (default ./.env, if present)")
-    p.add_argument("--batch-size", type=_positive_int, help="rows per COPY batch (env BATCH_SIZE; default 20000)")
-    p.add_argument("--source-timezone", help="zone for timestamps without an offset (env SOURCE_TIMEZONE; default UTC)")
-    p.add_argument("--reject-file", help="where rejected records go, JSON Lines (env REJECT_FILE; default ./rejects/rejects.jsonl)")
     p.add_argument("--summary-json", help="also write the run's counts to this JSON file")
-    p.add_argument("--connect-timeout", type=_positive_int, help="seconds to wait for the database (env CONNECT_TIMEOUT; default 5)")
-    p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="log level (env LOG_LEVEL; default INFO)")
+    p.add_argument("--force", action="store_true", help="load every file, even those the manifest "
+                   "shows unchanged since their last load")
     p.add_argument("--no-bootstrap", action="store_true", help="do not apply sql/schema.sql (it must exist already)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -900,43 +1290,45 @@ def _settings(env_file: str | None, environ: dict) -> dict:
     path = Path(env_file or ".env")
     if env_file and not path.is_file():
         raise ConfigError(f"--env-file {env_file}: no such file")
-    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    from_file = {k: v for k, v in dotenv_values(path).items() if v} if path.is_file() else {}
     return {**DEFAULTS, **from_file, **{k: v for k, v in environ.items() if v != ""}}
 
 
 def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
     s = _settings(args.env_file, environ)
-    for flag, key in (("data_dir", "DATA_DIR"), ("batch_size", "BATCH_SIZE"),
-                      ("source_timezone", "SOURCE_TIMEZONE"), ("reject_file", "REJECT_FILE"),
-                      ("connect_timeout", "CONNECT_TIMEOUT"), ("log_level", "LOG_LEVEL")):
-        if getattr(args, flag) is not None:
-            s[key] = str(getattr(args, flag))
-    numbers = {}
-    for key in ("BATCH_SIZE", "CONNECT_TIMEOUT", "POSTGRES_PORT"):
+    values = {}
+    for flag, env, parse, _ in SETTINGS:
+        given = getattr(args, flag[2:].replace("-", "_"))
+        if given is not None:
+            values[env] = given
+            continue
         try:
-            numbers[key] = _positive_int(s[key])
+            values[env] = parse(s[env])
         except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    level = s["LOG_LEVEL"].upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"LOG_LEVEL: unknown level {s['LOG_LEVEL']!r}")
-    data_dir = Path(s["DATA_DIR"])
+            raise ConfigError(f"{env}: {exc}") from None
+    try:
+        port = _positive_int(s["POSTGRES_PORT"])
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"POSTGRES_PORT: {exc}") from None
+    data_dir = Path(values["DATA_DIR"])
     if not data_dir.is_dir():
         raise ConfigError(f"DATA_DIR {data_dir} is not a directory")
-    conninfo: dict = {"connect_timeout": numbers["CONNECT_TIMEOUT"]}
+    conninfo: dict = {"connect_timeout": values["CONNECT_TIMEOUT"]}
     if s.get("DATABASE_URL"):
         conninfo["dsn"] = s["DATABASE_URL"]
     else:
-        conninfo.update(host=s["POSTGRES_HOST"], port=numbers["POSTGRES_PORT"], dbname=s["POSTGRES_DB"],
+        conninfo.update(host=s["POSTGRES_HOST"], port=port, dbname=s["POSTGRES_DB"],
                         user=s["POSTGRES_USER"], password=s["POSTGRES_PASSWORD"])
     return Config(
         conninfo=conninfo,
         data_dir=data_dir,
-        source_tz=_timezone(s["SOURCE_TIMEZONE"]),
-        batch_size=numbers["BATCH_SIZE"],
-        reject_file=Path(s["REJECT_FILE"]),
-        summary_json=Path(args.summary_json) if args.summary_json else None,
-        log_level="DEBUG" if args.verbose else level,
+        source_tz=_timezone(values["SOURCE_TIMEZONE"]),
+        batch_size=values["BATCH_SIZE"],
+        reject_file=Path(values["REJECT_FILE"]),
+        log_level="DEBUG" if args.verbose else values["LOG_LEVEL"].upper(),
+        on_conflict=values["ON_CONFLICT"],
+        workers=values["WORKERS"],
+        force=args.force,
         bootstrap=not args.no_bootstrap,
     )
 
@@ -963,27 +1355,31 @@ def _write_summary(path: Path, summary: Summary) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)  # exits 2 on bad flags, before any I/O
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    args = _parser().parse_args(argv)  # exits 2 on bad flags, before any I/O
+    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr, force=True)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     started = time.monotonic()
     summary = Summary()
+    _Stop.install()
     try:
         cfg = _resolve_config(args, dict(os.environ))
         log.setLevel(cfg.log_level)
         _run(cfg, summary)
-    except IngestError as exc:
-        summary.status, summary.error = "error", str(exc)
+        code = EXIT_REJECTS if summary.status == "rejects" else EXIT_OK
+    except (IngestError, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):  # a second signal: the file in flight was rolled back
+            exc = Interrupted(_Stop.signum or signal.SIGINT)
+        if summary.status == "running":
+            summary.status, summary.error = "failed", str(exc)
         if args.verbose:
             log.exception("error")
         print(f"error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         code = exc.exit_code
-    else:
-        code = EXIT_REJECTS if summary.files_failed or summary.records_rejected else EXIT_OK
-        summary.status = "ok" if code == EXIT_OK else "rejects"
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     summary.seconds = round(time.monotonic() - started, 3)
     if code != EXIT_USAGE:
         log.info("summary: %s", summary.line())

@@ -33,13 +33,16 @@ def test_loads_valid_records_and_summarises(run, db):
     assert run.reject_lines() == []
 
 
-def test_second_run_inserts_nothing(run, db):
+def test_second_run_skips_unchanged_files_and_force_inserts_nothing(run, db):
     run.write("a.json", [rec(ts=f"2024-01-01T00:00:0{i}") for i in range(3)])
     assert run() == 0
     before = db.rows()
     assert run() == 0
     s = run.summary()
-    assert (s["rows_inserted"], s["rows_duplicate"], s["records_read"]) == (0, 3, 3)
+    assert (s["files_skipped"], s["files_loaded"], s["records_read"], s["rows_inserted"]) == (1, 0, 0, 0)
+    assert run("--force") == 0
+    s = run.summary()
+    assert (s["files_loaded"], s["rows_inserted"], s["rows_duplicate"], s["records_read"]) == (1, 0, 3, 3)
     assert db.rows() == before
 
 
@@ -191,7 +194,9 @@ def os_environ() -> dict:
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "must be at least 1"),
     (["--batch-size", "many"], "not a whole number"),
-    (["--log-level", "LOUD"], "invalid choice"),
+    (["--log-level", "LOUD"], "'LOUD' is not one of debug, info, warning, error"),
+    (["--on-conflict", "replace"], "'replace' is not one of nothing, update"),
+    (["--workers", "0"], "must be at least 1"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_flags_exit_2_before_any_io(run, args, message, capsys):
@@ -206,7 +211,9 @@ def test_bad_flags_exit_2_before_any_io(run, args, message, capsys):
     ({"BATCH_SIZE": "-5"}, "BATCH_SIZE: must be at least 1"),
     ({"POSTGRES_PORT": "http"}, "POSTGRES_PORT: not a whole number"),
     ({"SOURCE_TIMEZONE": "Mars/Olympus"}, "SOURCE_TIMEZONE: unknown time zone 'Mars/Olympus'"),
-    ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL: unknown level"),
+    ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL: 'chatty' is not one of debug, info, warning, error"),
+    ({"ON_CONFLICT": "merge"}, "ON_CONFLICT: 'merge' is not one of nothing, update"),
+    ({"WORKERS": "two"}, "WORKERS: not a whole number"),
 ])
 def test_bad_configuration_exits_2(run, monkeypatch, capsys, env, message):
     for key, value in env.items():

@@ -52,5 +52,8 @@ def test_task0_directory_loads_exact_per_metric_counts_and_reruns_insert_nothing
 
     assert run() == 0
     again = run.summary()
+    assert (again["files_skipped"], again["records_read"], again["rows_inserted"]) == (6, 0, 0)
+    assert run("--force") == 0
+    again = run.summary()
     assert (again["rows_inserted"], again["rows_duplicate"]) == (0, total_records)
     assert db.count() == total_rows
