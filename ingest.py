@@ -310,7 +310,14 @@ class DataFile:
             raise FileFormatError(_describe_read_error(exc, self.gzipped)) from None
 
     def _open(self, digest: Digest | None) -> io.TextIOWrapper:
-        raw = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed through the wrapper)
+        # Non-blocking open, then a check on the opened file: a path swapped for a FIFO after it
+        # was listed must not hang the loader.
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FileFormatError("not a regular file (any more)")
+        os.set_blocking(fd, True)
+        raw = open(fd, "rb", buffering=0)  # noqa: SIM115 (closed through the wrapper)
         try:
             binary: io.BufferedIOBase = io.BufferedReader(
                 _HashingReader(raw, digest) if digest else raw, buffer_size=1 << 20)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import ingest
 
-TEMPLATE_DB = "ingest_test_template"
+TEMPLATE_DB = f"ingest_test_template_{os.getpid()}"  # per session: suites may run side by side
 
 
 def _settings() -> dict:
@@ -60,10 +60,9 @@ def template_db():
     conn = connect(TEMPLATE_DB)
     ingest.apply_schema(conn, ingest.SCHEMA_PATH.read_text())
     conn.close()
-    yield TEMPLATE_DB
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
     admin.close()
+    yield TEMPLATE_DB
+    _drop_database(TEMPLATE_DB)  # a fresh connection: a test may have restarted the server
 
 
 def _new_database(template: str) -> str:
@@ -105,9 +104,27 @@ class Db:
     def env(self) -> dict:
         return {**SETTINGS, "POSTGRES_DB": self.name}
 
+    def fingerprint(self) -> tuple:
+        """The whole table and the manifest (minus run ids and times), for exact comparison."""
+        rows = self.query("SELECT count(*), md5(coalesce(string_agg(concat_ws('|', user_id, metric, "
+                          "\"timestamp\", value), ',' ORDER BY user_id, metric, \"timestamp\"), '')) FROM raw_data")[0]
+        manifest = self.query("SELECT path, size, mtime_ns, sha256, status, records_read, records_rejected, "
+                              "rows_inserted, rows_updated, rows_duplicate FROM ingest_files ORDER BY path")
+        return rows, manifest
+
 
 @pytest.fixture
 def db(template_db):
+    name = _new_database(template_db)
+    handle = Db(name)
+    yield handle
+    handle.conn.close()
+    _drop_database(name)
+
+
+@pytest.fixture
+def other_db(template_db):
+    """A second fresh database, e.g. for a clean reference load."""
     name = _new_database(template_db)
     handle = Db(name)
     yield handle
