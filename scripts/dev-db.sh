@@ -372,8 +372,9 @@ ensure_role_and_db() {
 \getenv pw DEVDB_PW
 SELECT format('CREATE ROLE %I', :'role')
  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
--- Every time, so a changed password in .env takes effect. Never a superuser.
-SELECT format('ALTER ROLE %I LOGIN CREATEDB NOSUPERUSER PASSWORD %L', :'role', :'pw') \gexec
+-- Every time, so a changed password in .env takes effect. Never a superuser. CREATEROLE lets
+-- tests make throwaway roles (tests/test_privileges.py applies sql/roles.sql to one).
+SELECT format('ALTER ROLE %I LOGIN CREATEDB CREATEROLE NOSUPERUSER PASSWORD %L', :'role', :'pw') \gexec
 SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'role')
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
 SQL
