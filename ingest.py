@@ -28,6 +28,7 @@ import math
 import multiprocessing
 import os
 import re
+import select
 import signal
 import socket
 import stat
@@ -47,12 +48,21 @@ __version__ = "0.1.0"
 # ---------------------------------------------------------------------------------------------
 log = logging.getLogger("ingest")
 
-METRICS = frozenset(
-    {"heart_rate", "spo2", "activity", "hrv", "breath_rate", "active_zone_minute"}
-)
+# Metric -> the values a device can produce (inclusive). Outside them a record is rejected:
+# heart rate in bpm, SpO2 in %, HRV (RMSSD) in ms, breaths per minute, steps, zone minutes.
+METRIC_BOUNDS = {
+    "heart_rate": (20.0, 300.0),
+    "spo2": (50.0, 100.0),
+    "hrv": (0.0, 500.0),
+    "breath_rate": (1.0, 80.0),
+    "activity": (0.0, 100_000.0),
+    "active_zone_minute": (0.0, 1440.0),
+}
+METRICS = frozenset(METRIC_BOUNDS)
 REQUIRED_KEYS = ("user_id", "metric", "timestamp", "value")
 MAX_USER_ID_CHARS = 255  # keeps the primary-key index entry far below btree's ~2.7 kB limit
 MAX_RECORD_CHARS = 16 * 1024 * 1024  # one record bigger than this fails its file (bounds memory)
+DEDUPE_MAX_KEYS = 300_000  # keys remembered per file to drop in-file repeats before COPY (~40 MB)
 REJECT_RECORD_CHARS = 1000  # a rejected record is quoted up to this many characters
 READ_CHUNK_CHARS = 1 << 20  # characters read from a file at a time
 SCHEMA_PATH = Path(__file__).resolve().parent / "sql" / "schema.sql"
@@ -136,6 +146,10 @@ class FileFormatError(IngestError):
 
 class DatabaseError(IngestError):
     exit_code = EXIT_DATABASE
+
+
+class ConnectError(DatabaseError):
+    """The server could not be reached (or refused the login)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def _check_timestamp(text: object, tz: dt.tzinfo) -> dt.datetime:
         raise ValidationError(f"timestamp {text!r} is outside years 1..9999 in UTC") from None
 
 
-def _check_value(value: object) -> float:
+def _check_value(value: object, metric: str) -> float:
     kind = type(value)
     if kind is not float and kind is not int:  # bool is a subclass of int: excluded here
         raise ValidationError(f"value must be a number, got {_json_type(value)}")
@@ -248,6 +262,9 @@ def _check_value(value: object) -> float:
         raise ValidationError("value is too large for a double precision number") from None
     if not math.isfinite(number):
         raise ValidationError(f"value must be a finite number, got {value!r}")
+    low, high = METRIC_BOUNDS[metric]
+    if not low <= number <= high:
+        raise ValidationError(f"value {number:g} is outside the plausible range for {metric} ({low:g}..{high:g})")
     return number
 
 
@@ -262,12 +279,65 @@ def validate_record(obj: object, tz: dt.tzinfo = UTC) -> Row:
     missing = [key for key in REQUIRED_KEYS if key not in obj]
     if missing:
         raise ValidationError(f"missing key{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
+    metric = _check_metric(obj["metric"])
     return Row(
         _check_user_id(obj["user_id"]),
-        _check_metric(obj["metric"]),
+        metric,
         _check_timestamp(obj["timestamp"], tz),
-        _check_value(obj["value"]),
+        _check_value(obj["value"], metric),
     )
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_FAST_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|\+00:00)?", re.ASCII)
+
+
+def _copy_line(row: Row, escaped_user: str | None = None) -> str:
+    """One row in COPY text format (user_id escaped; the other fields cannot hold specials)."""
+    user = escaped_user if escaped_user is not None else row.user_id.translate(_COPY_ESCAPES)
+    return f"{user}\t{row.metric}\t{row.timestamp.isoformat()}\t{row.value!r}\n"
+
+
+class _LineMaker:
+    """Validated record -> COPY line, with a fast path for the shape Task-0 writes.
+
+    The fast path accepts only a subset that it checks completely (a user_id already accepted,
+    a known metric, "YYYY-MM-DDTHH:MM:SS" in UTC, a number within bounds) and produces exactly
+    the line validate_record's Row would. Everything else goes through validate_record, which
+    also supplies the reason for a reject.
+    """
+
+    def __init__(self, tz: dt.tzinfo) -> None:
+        self.tz, self.naive_is_utc = tz, tz is UTC
+        self.users: dict[str, str] = {}  # accepted user_id -> its escaped COPY text
+
+    def __call__(self, obj: object) -> str:
+        if type(obj) is dict:
+            user, metric, ts, value = (obj.get("user_id"), obj.get("metric"), obj.get("timestamp"),
+                                       obj.get("value"))
+            escaped = self.users.get(user) if type(user) is str else None
+            bounds = METRIC_BOUNDS.get(metric) if type(metric) is str else None
+            if escaped is not None and bounds is not None and type(ts) is str:
+                match = _FAST_TIMESTAMP.fullmatch(ts)
+                kind = type(value)
+                if (match and (match.group(1) or self.naive_is_utc) and (kind is float or kind is int)
+                        and bounds[0] <= value <= bounds[1] and _calendar_ok(ts[:19])):
+                    return f"{escaped}\t{metric}\t{ts[:19]}+00:00\t{float(value)!r}\n"
+        row = validate_record(obj, self.tz)
+        escaped = self.users.get(row.user_id)
+        if escaped is None:
+            if len(self.users) >= 100_000:
+                self.users.clear()
+            escaped = self.users[row.user_id] = row.user_id.translate(_COPY_ESCAPES)
+        return _copy_line(row, escaped)
+
+
+def _calendar_ok(text: str) -> bool:
+    try:
+        dt.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +549,12 @@ def _iter_array_items(buf: _Buffer) -> Iterator[tuple[int, object]]:
         buf.pos += 1
         return
     while True:
+        batch = _decode_batch(buf)
+        if batch:
+            for item in batch:
+                position += 1
+                yield position, item
+            continue
         if buf.skip_ws() == "":
             raise FileFormatError("file ends inside the JSON array (truncated?)")
         position += 1
@@ -492,6 +568,27 @@ def _iter_array_items(buf: _Buffer) -> Iterator[tuple[int, object]]:
             if separator == "":
                 raise FileFormatError("file ends inside the JSON array (truncated?)")
             raise FileFormatError(f"invalid JSON at {where}: expected ',' or ']'")
+
+
+def _decode_batch(buf: _Buffer) -> list | None:
+    """Decode many array items with one json.loads call (the C decoder then does the looping).
+
+    The window is cut after its last "}," and parsed as an array. That cut can only parse if
+    it falls between two items: inside a string or a nested value the brackets or quotes would
+    not balance. Anything else (odd formatting, a bad record) returns None, and the caller
+    decodes item by item, which finds and reports the exact problem.
+    """
+    if len(buf.text) - buf.pos < READ_CHUNK_CHARS // 2:
+        buf.fill()
+    cut = buf.text.rfind("},", buf.pos)
+    if cut < 0 or cut - buf.pos < 4096:
+        return None
+    try:
+        items = json.loads(f"[{buf.text[buf.pos:cut + 1]}]")
+    except (ValueError, RecursionError):
+        return None
+    buf.pos = cut + 2
+    return items
 
 
 def _iter_json_lines(text: io.TextIOBase) -> Iterator[tuple[int, object]]:
@@ -587,7 +684,7 @@ def connect_db(conninfo: dict, *, describe: str = "the database"):
         conn = psycopg2.connect(**info)
     except psycopg2.Error as exc:
         first = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), info.get("password"))
-        err = DatabaseError(f"cannot connect to {describe}: {first}")
+        err = ConnectError(f"cannot connect to {describe}: {first}")
         err.hint = "is the database running and are POSTGRES_HOST/POSTGRES_PORT (or DATABASE_URL) right?"
         raise err from None
     conn.set_client_encoding("UTF8")
@@ -602,45 +699,50 @@ def apply_schema(conn, schema_sql: str) -> None:
     conn.commit()
 
 
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+class _ServerSpoke(Exception):
+    """The server sent something in the middle of COPY: an error, so stop sending."""
 
 
 class _CopySource:
-    """File-like object whose read() formats the next batch of rows as COPY text on demand.
+    """File-like object whose read() hands the next batch of COPY lines to copy_expert.
 
-    Handing this to copy_expert streams the rows: the server works on one batch while Python
-    parses and validates the next, and memory stays at one batch whatever the file size.
+    The lines are produced on demand, so the server works on one batch while Python parses and
+    validates the next, and memory stays at one batch whatever the file size. ``watch`` (a
+    socket) makes it stop early when the server reports an error mid-COPY instead of sending
+    the rest of the file first. ``dedupe`` drops repeats of a key already sent (bounded; the
+    database still has the last word), so a file full of repeated keys is not shipped whole.
     """
 
-    def __init__(self, rows: Iterable[Row], batch_size: int, numbered: bool) -> None:
-        self._rows, self._batch, self._numbered = iter(rows), batch_size, numbered
-        self.count = 0
+    def __init__(self, lines: Iterable[str], batch_size: int, numbered: bool, watch: int | None = None,
+                 dedupe: bool = False) -> None:
+        self._lines, self._batch, self._numbered, self._watch = iter(lines), batch_size, numbered, watch
+        self._seen: set[str] | None = set() if dedupe else None
+        self.count = self.dropped = 0
         self.error: Exception | None = None
-        self._escaped: dict[str, str] = {}
-
-    def _escape(self, user_id: str) -> str:
-        text = self._escaped.get(user_id)
-        if text is None:
-            if len(self._escaped) > 100_000:
-                self._escaped.clear()
-            text = self._escaped[user_id] = user_id.translate(_COPY_ESCAPES)
-        return text
 
     def read(self, size: int = -1) -> str:
-        lines = []
-        escape, count = self._escape, self.count
+        if self._watch is not None and select.select([self._watch], [], [], 0)[0]:
+            self.error = _ServerSpoke()
+            raise self.error
+        batch, count, seen = [], self.count, self._seen
         try:
-            for row in self._rows:
+            for line in self._lines:
+                if seen is not None:
+                    key = line[:line.rindex("\t")]
+                    if key in seen:
+                        self.dropped += 1
+                        continue
+                    if len(seen) < DEDUPE_MAX_KEYS:
+                        seen.add(key)
                 count += 1
-                line = f"{escape(row[0])}\t{row[1]}\t{row[2].isoformat()}\t{row[3]!r}\n"
-                lines.append(f"{count}\t{line}" if self._numbered else line)
-                if len(lines) >= self._batch:
+                batch.append(f"{count}\t{line}" if self._numbered else line)
+                if len(batch) >= self._batch:
                     break
         except Exception as exc:
             self.error = exc  # psycopg2 replaces it by its own error: kept to re-raise
             raise
         self.count = count
-        return "".join(lines)
+        return "".join(batch)
 
     def copy_into(self, cur, sql: str) -> int:
         """Run COPY with this object as its input; return the rows the server reports."""
@@ -709,20 +811,28 @@ def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, b
     through a staging table, where the first occurrence of a key wins. Counts come from what the
     database reports for each statement.
     """
+    if callable(rows):
+        make_rows = rows
+        return _insert_lines(conn, lambda: map(_copy_line, make_rows()), batch_size, on_conflict, run_id)
+    return _insert_lines(conn, map(_copy_line, rows), batch_size, on_conflict, run_id)
+
+
+def _insert_lines(conn, lines: Iterable[str] | Callable[[], Iterable[str]], batch_size: int,
+                  on_conflict: str, run_id: int) -> InsertResult:
     with conn.cursor() as cur:
-        if callable(rows) and on_conflict == "nothing":
+        if callable(lines) and on_conflict == "nothing":
             cur.execute("SAVEPOINT ingest_direct")
             try:
-                copied = _CopySource(rows(), batch_size, numbered=False).copy_into(
+                copied = _CopySource(lines(), batch_size, numbered=False, watch=conn.fileno()).copy_into(
                     cur, 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN')
-            except _psycopg2().errors.UniqueViolation:
+            except (_psycopg2().errors.UniqueViolation, _ServerSpoke):
                 cur.execute("ROLLBACK TO SAVEPOINT ingest_direct")
             else:
                 cur.execute("RELEASE SAVEPOINT ingest_direct")
                 return InsertResult(copied, 0)
         cur.execute(_STAGE_SQL)
-        staged = _CopySource(rows() if callable(rows) else rows, batch_size, numbered=True).copy_into(
-            cur, "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN")
+        source = _CopySource(lines() if callable(lines) else lines, batch_size, numbered=True, dedupe=True)
+        staged = source.copy_into(cur, "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN")
         cur.execute("SET LOCAL work_mem = '256MB'")
         if on_conflict == "update":
             cur.execute(_MERGE_UPDATE_SQL, {"run_id": run_id})
@@ -731,7 +841,7 @@ def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, b
             cur.execute(_MERGE_NOTHING_SQL)
             inserted, updated = cur.rowcount, 0
         cur.execute("TRUNCATE ingest_stage")
-        return InsertResult(inserted, staged - inserted - updated, updated)
+        return InsertResult(inserted, staged + source.dropped - inserted - updated, updated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,7 +975,8 @@ class _FileStats:
         self.digest = Digest()
 
 
-def _valid_rows(df: DataFile, tz: dt.tzinfo, rejects: _RejectLog, stats: _FileStats) -> Iterator[Row]:
+def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats: _FileStats) -> Iterator[str]:
+    """The file's valid records as COPY lines; rejects are spooled with their reasons."""
     for position, obj in df.records(stats.digest):
         stats.read += 1
         if type(obj) is Unparsable:
@@ -873,7 +984,7 @@ def _valid_rows(df: DataFile, tz: dt.tzinfo, rejects: _RejectLog, stats: _FileSt
             rejects.add(df.rel, position, obj.reason, obj)
             continue
         try:
-            row = validate_record(obj, tz)
+            line = make_line(obj)
         except ValidationError as exc:
             stats.rejected += 1
             rejects.add(df.rel, position, str(exc), obj)
@@ -882,7 +993,7 @@ def _valid_rows(df: DataFile, tz: dt.tzinfo, rejects: _RejectLog, stats: _FileSt
             stats.extra_keys += 1
             if stats.extra_example is None:
                 stats.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
-        yield row
+        yield line
 
 
 _MANIFEST_UPSERT = """
@@ -916,6 +1027,7 @@ class _Loader:
     def __init__(self, cfg: Config, run_id: int | None) -> None:
         self.cfg, self.run_id = cfg, run_id
         self.rejects = _RejectLog(cfg.reject_file, run_id)
+        self.make_line = _LineMaker(cfg.source_tz)
         self.conn = None
 
     def close(self) -> None:
@@ -936,6 +1048,10 @@ class _Loader:
                 result = self._load_once(df)
                 result.seconds = round(time.monotonic() - started, 3)
                 return result
+            except ConnectError as exc:  # reconnecting after a lost connection
+                if attempt == RETRY_ATTEMPTS:
+                    raise DatabaseError(f"while loading {df.rel}: {exc} (gave up after {attempt} attempts)") from None
+                error = exc
             except IngestError:
                 raise
             except Exception as exc:
@@ -944,11 +1060,12 @@ class _Loader:
                     self._drop_connection()
                     suffix = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
                     raise DatabaseError(f"while loading {df.rel}: {_first_line(exc)}{suffix}") from exc
-                log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", df.rel, _first_line(exc),
-                            delay, attempt + 1, RETRY_ATTEMPTS)
-                self._drop_connection()
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY)
+                error = exc
+            log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", df.rel, _first_line(error),
+                        delay, attempt + 1, RETRY_ATTEMPTS)
+            self._drop_connection()
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _drop_connection(self) -> None:
@@ -981,16 +1098,15 @@ class _Loader:
     def _insert(self, conn, df: DataFile, st: os.stat_result) -> FileResult:
         stats = _FileStats()
 
-        def fresh_rows() -> Iterator[Row]:
+        def fresh_lines() -> Iterator[str]:
             nonlocal stats
             stats = _FileStats()
             self.rejects.discard()
-            return _valid_rows(df, self.cfg.source_tz, self.rejects, stats)
+            return _valid_lines(df, self.make_line, self.rejects, stats)
 
         psycopg2 = _psycopg2()
         try:
-            res = insert_records(conn, fresh_rows, batch_size=self.cfg.batch_size,
-                                 on_conflict=self.cfg.on_conflict, run_id=self.run_id or 0)
+            res = _insert_lines(conn, fresh_lines, self.cfg.batch_size, self.cfg.on_conflict, self.run_id or 0)
         except FileFormatError as exc:
             return self._fail(conn, df, st, str(exc))
         except (psycopg2.errors.DataError, psycopg2.errors.IntegrityError) as exc:

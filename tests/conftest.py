@@ -194,5 +194,5 @@ def run(tmp_path, monkeypatch, db):
     return Runner(tmp_path, monkeypatch, db)
 
 
-def rec(user="u1", metric="heart_rate", ts="2024-01-01T00:00:00Z", value=60, **extra) -> dict:
+def rec(user="u1", metric="activity", ts="2024-01-01T00:00:00Z", value=60, **extra) -> dict:
     return {"user_id": user, "metric": metric, "timestamp": ts, "value": value, **extra}

@@ -23,7 +23,7 @@ def ts(hms: str) -> dt.datetime:
 def test_loads_valid_records_and_summarises(run, db):
     run.write("heart_rate.json", [rec(ts=f"2024-01-01T00:00:0{i}", value=60 + i) for i in range(5)])
     assert run() == 0
-    assert db.rows() == [("u1", "heart_rate", ts(f"00:00:0{i}"), 60.0 + i) for i in range(5)]
+    assert db.rows() == [("u1", "activity", ts(f"00:00:0{i}"), 60.0 + i) for i in range(5)]
     s = run.summary()
     assert {k: s[k] for k in ("files_seen", "files_loaded", "files_failed", "records_read",
                               "records_rejected", "rows_inserted", "rows_duplicate")} == {
@@ -61,9 +61,9 @@ def test_first_record_in_file_order_wins(run, db):
                          rec(ts="2024-01-01T00:00:05Z", value=11), rec(value=2)])
     run.write("b/1.json", [rec(value=4), rec(ts="2024-01-01T00:00:07Z", value=40)])
     assert run("--batch-size", "1") == 0
-    assert db.rows() == [("u1", "heart_rate", ts("00:00:00"), 1.0),
-                         ("u1", "heart_rate", ts("00:00:05"), 10.0),
-                         ("u1", "heart_rate", ts("00:00:07"), 40.0)]
+    assert db.rows() == [("u1", "activity", ts("00:00:00"), 1.0),
+                         ("u1", "activity", ts("00:00:05"), 10.0),
+                         ("u1", "activity", ts("00:00:07"), 40.0)]
     s = run.summary()
     assert (s["records_read"], s["rows_inserted"], s["rows_duplicate"]) == (8, 3, 5)
     assert [f["file"] for f in s["files"]] == ["a.json", "b/1.json", "b/2.json"]
@@ -73,7 +73,7 @@ def test_same_instant_written_with_different_offsets_is_one_key(run, db):
     run.write("a.json", [rec(ts="2024-01-01T01:00:00+01:00", value=1), rec(ts="2024-01-01T00:00:00Z", value=2),
                          rec(ts="2024-01-01T00:00:00", value=3)])
     assert run() == 0
-    assert db.rows() == [("u1", "heart_rate", ts("00:00:00"), 1.0)]
+    assert db.rows() == [("u1", "activity", ts("00:00:00"), 1.0)]
 
 
 def test_naive_timestamps_follow_source_timezone(run, db):
@@ -107,9 +107,9 @@ def test_rejected_record_is_quoted_to_1000_characters(run, db):
 def test_invalid_json_file_fails_alone_and_the_run_goes_on(run, db):
     run.write("a.json", '[{"user_id": "u1", "metric": "spo2", "timestamp": "2024-01-01T00:00:00", "value": 1},')
     run.write("b.json", '[{"user_id": "u1", "metric": "spo2", "timestamp": "2024-01-01T00:00:01", "value": 2}] junk')
-    run.write("c.json", [rec(metric="spo2", ts="2024-01-01T00:00:02Z", value=3)])
+    run.write("c.json", [rec(metric="spo2", ts="2024-01-01T00:00:02Z", value=93)])
     assert run() == 1
-    assert [r[3] for r in db.rows()] == [3.0]  # nothing of a failed file lands
+    assert [r[3] for r in db.rows()] == [93.0]  # nothing of a failed file lands
     s = run.summary()
     assert (s["files_seen"], s["files_loaded"], s["files_failed"]) == (3, 1, 2)
     failed = {f["file"]: f["error"] for f in s["files"] if f["status"] == "failed"}
@@ -165,7 +165,7 @@ def test_plain_raw_data_from_an_older_loader_is_migrated(run, empty_db, monkeypa
                    '"timestamp" TIMESTAMPTZ NOT NULL, value DOUBLE PRECISION NOT NULL)')
     empty_db.query("INSERT INTO raw_data VALUES ('old', 'spo2', '2023-06-01T00:00:00Z', 95)")
     monkeypatch.setenv("POSTGRES_DB", empty_db.name)
-    run.write("a.json", [rec(user="old", metric="spo2", ts="2023-06-01T00:00:00Z", value=1), rec()])
+    run.write("a.json", [rec(user="old", metric="spo2", ts="2023-06-01T00:00:00Z", value=90), rec()])
     assert run() == 0
     assert empty_db.query("SELECT count(*) FROM timescaledb_information.hypertables "
                           "WHERE hypertable_name = 'raw_data'") == [(1,)]

@@ -95,20 +95,26 @@ def test_gzip_file_that_is_not_gzip(tmp_path):
         records(tmp_path, "a.json.gz")
 
 
-def test_reading_is_streamed_memory_does_not_grow_with_file_size(tmp_path):
-    """A ~30 MB pretty-printed array is read with a small, bounded peak of Python memory."""
-    path = tmp_path / "big.json"
+def _peak_while_reading(root: Path, count: int) -> int:
+    root.mkdir()
     one = json.dumps(rec(), indent=2)
-    with open(path, "w") as out:
-        out.write("[\n" + ",\n".join([one] * 300_000) + "\n]")
-    assert path.stat().st_size > 30_000_000
-    (df,) = load_files(tmp_path)
+    with open(root / "big.json", "w") as out:
+        out.write("[\n" + ",\n".join([one] * count) + "\n]")
+    (df,) = load_files(root)
     tracemalloc.start()
-    count = sum(1 for _ in df.records())
+    assert sum(1 for _ in df.records()) == count
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert count == 300_000
-    assert peak < 12 * 1024 * 1024, f"peak {peak} bytes"
+    return peak
+
+
+def test_reading_is_streamed_memory_does_not_grow_with_file_size(tmp_path):
+    """A 4x larger pretty-printed array (10 MB vs 40 MB) is read with the same bounded peak."""
+    small = _peak_while_reading(tmp_path / "small", 100_000)
+    large = _peak_while_reading(tmp_path / "large", 400_000)
+    assert (tmp_path / "large" / "big.json").stat().st_size > 40_000_000
+    assert large < 32 * 1024 * 1024, f"peak {large} bytes"
+    assert large < small * 1.5, f"peak grew with the file: {small} -> {large} bytes"
 
 
 def test_a_directory_named_like_a_json_file_is_not_a_file(tmp_path):

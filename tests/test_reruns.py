@@ -110,7 +110,7 @@ def test_update_mode_stores_changed_values_and_counts_them(run, db):
 
 
 def test_update_mode_keeps_first_in_order_across_files_of_one_run(run, db, monkeypatch):
-    db.query("INSERT INTO raw_data VALUES ('u1', 'heart_rate', '2024-01-01T00:00:00Z', 1)")
+    db.query("INSERT INTO raw_data VALUES ('u1', 'activity', '2024-01-01T00:00:00Z', 1)")
     run.write("a.json", [rec(value=2)])
     run.write("b.json", [rec(value=3)])
     monkeypatch.setenv("ON_CONFLICT", "update")
@@ -131,7 +131,7 @@ def test_default_mode_never_updates(run, db):
 
 # --- interruptions ---------------------------------------------------------------------------
 def _big_sample(run) -> None:
-    sample(run, "--users", "8", "--seconds", "40000", "--layout", "per-user")  # 48 files, ~350k records
+    sample(run, "--users", "16", "--seconds", "40000", "--layout", "per-user")  # 96 files, ~675k records
 
 
 def test_kill_9_at_several_points_then_rerun_equals_a_clean_load(run, db, other_db):
@@ -141,7 +141,7 @@ def test_kill_9_at_several_points_then_rerun_equals_a_clean_load(run, db, other_
                            env={**os.environ, **other_db.env()}, capture_output=True, text=True, check=False)
     assert clean.returncode == 0, clean.stderr
     kills = 0
-    for delay in (0.5, 0.7, 0.9, 1.1):
+    for delay in (0.5, 0.6, 0.7, 0.8):
         proc = subprocess.Popen([sys.executable, str(ROOT / "ingest.py"), "--data-dir", str(run.data),
                                  "--reject-file", str(run.rejects), "--batch-size", "2000"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -170,7 +170,7 @@ def test_sigterm_stops_between_files_with_exit_143(run, db):
     proc.stderr.read()
     assert proc.wait(timeout=60) == 143
     s = run.summary()
-    assert s["status"] == "interrupted" and 1 <= s["files_loaded"] < 48
+    assert s["status"] == "interrupted" and 1 <= s["files_loaded"] < 96
     assert db.query("SELECT count(*) FROM ingest_files") == [(s["files_loaded"],)]
     assert db.count() == s["rows_inserted"]  # only whole files, and every committed one counted
     assert db.query("SELECT status FROM ingest_runs") == [("interrupted",)]
