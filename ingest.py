@@ -27,6 +27,7 @@ import logging
 import math
 import multiprocessing
 import os
+import queue
 import re
 import select
 import signal
@@ -34,6 +35,7 @@ import socket
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -706,11 +708,13 @@ class _ServerSpoke(Exception):
 class _CopySource:
     """File-like object whose read() hands the next batch of COPY lines to copy_expert.
 
-    The lines are produced on demand, so the server works on one batch while Python parses and
-    validates the next, and memory stays at one batch whatever the file size. ``watch`` (a
-    socket) makes it stop early when the server reports an error mid-COPY instead of sending
-    the rest of the file first. ``dedupe`` drops repeats of a key already sent (bounded; the
-    database still has the last word), so a file full of repeated keys is not shipped whole.
+    A producer thread parses, validates and formats the next batches while the main thread
+    sends the current one (psycopg2 releases the GIL while it sends), so Python and the server
+    work at the same time; memory stays at a few batches whatever the file size. ``watch`` (the
+    connection's socket) makes it stop early when the server reports an error mid-COPY instead
+    of sending the rest of the file first. ``dedupe`` drops repeats of a key already sent
+    (bounded; the database still has the last word), so a file full of repeated keys is not
+    shipped whole.
     """
 
     def __init__(self, lines: Iterable[str], batch_size: int, numbered: bool, watch: int | None = None,
@@ -718,40 +722,68 @@ class _CopySource:
         self._lines, self._batch, self._numbered, self._watch = iter(lines), batch_size, numbered, watch
         self._seen: set[str] | None = set() if dedupe else None
         self.count = self.dropped = 0
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="copy-producer", daemon=True)
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self._next_batch()
+                self._queue.put(batch)
+                if not batch:
+                    return
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which re-raises it)
+            self._queue.put(exc)
+
+    def _next_batch(self) -> str:
+        batch, count, seen = [], self.count, self._seen
+        for line in self._lines:
+            if seen is not None:
+                key = line[:line.rindex("\t")]
+                if key in seen:
+                    self.dropped += 1
+                    continue
+                if len(seen) < DEDUPE_MAX_KEYS:
+                    seen.add(key)
+            count += 1
+            batch.append(f"{count}\t{line}" if self._numbered else line)
+            if len(batch) >= self._batch:
+                break
+        self.count = count
+        return "".join(batch)
 
     def read(self, size: int = -1) -> str:
         if self._watch is not None and select.select([self._watch], [], [], 0)[0]:
             self.error = _ServerSpoke()
             raise self.error
-        batch, count, seen = [], self.count, self._seen
-        try:
-            for line in self._lines:
-                if seen is not None:
-                    key = line[:line.rindex("\t")]
-                    if key in seen:
-                        self.dropped += 1
-                        continue
-                    if len(seen) < DEDUPE_MAX_KEYS:
-                        seen.add(key)
-                count += 1
-                batch.append(f"{count}\t{line}" if self._numbered else line)
-                if len(batch) >= self._batch:
-                    break
-        except Exception as exc:
-            self.error = exc  # psycopg2 replaces it by its own error: kept to re-raise
-            raise
-        self.count = count
-        return "".join(batch)
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.error = item  # psycopg2 replaces it by its own error: kept to re-raise
+            raise item
+        return item
+
+    def _close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)  # unblock a producer waiting to put
+            except queue.Empty:
+                pass
+        self._thread.join()
 
     def copy_into(self, cur, sql: str) -> int:
         """Run COPY with this object as its input; return the rows the server reports."""
+        self._thread.start()
         try:
             cur.copy_expert(sql, self, size=1 << 16)
         except _psycopg2().Error:
             if self.error is not None:
                 raise self.error from None
             raise
+        finally:
+            self._close()
         if cur.rowcount != self.count:
             raise DatabaseError(f"COPY reported {cur.rowcount} rows, but {self.count} were sent")
         return cur.rowcount
