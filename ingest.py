@@ -314,16 +314,16 @@ class _LineMaker:
         self.users: dict[str, str] = {}  # accepted user_id -> its escaped COPY text
 
     def __call__(self, obj: object) -> str:
-        if type(obj) is dict:
-            user, metric, ts, value = (obj.get("user_id"), obj.get("metric"), obj.get("timestamp"),
-                                       obj.get("value"))
-            escaped = self.users.get(user) if type(user) is str else None
-            bounds = METRIC_BOUNDS.get(metric) if type(metric) is str else None
-            if escaped is not None and bounds is not None and type(ts) is str:
+        try:
+            user, metric, ts, value = obj["user_id"], obj["metric"], obj["timestamp"], obj["value"]
+        except (KeyError, TypeError, IndexError):
+            user = None
+        if type(user) is str and type(metric) is str and type(ts) is str:
+            escaped, bounds, kind = self.users.get(user), METRIC_BOUNDS.get(metric), type(value)
+            if escaped is not None and bounds is not None and (kind is float or kind is int):
                 match = _FAST_TIMESTAMP.fullmatch(ts)
-                kind = type(value)
-                if (match and (match.group(1) or self.naive_is_utc) and (kind is float or kind is int)
-                        and bounds[0] <= value <= bounds[1] and _calendar_ok(ts[:19])):
+                if (match and (match.group(1) or self.naive_is_utc) and bounds[0] <= value <= bounds[1]
+                        and _calendar_ok(ts[:19])):
                     return f"{escaped}\t{metric}\t{ts[:19]}+00:00\t{float(value)!r}\n"
         row = validate_record(obj, self.tz)
         escaped = self.users.get(row.user_id)
@@ -712,16 +712,12 @@ class _CopySource:
     sends the current one (psycopg2 releases the GIL while it sends), so Python and the server
     work at the same time; memory stays at a few batches whatever the file size. ``watch`` (the
     connection's socket) makes it stop early when the server reports an error mid-COPY instead
-    of sending the rest of the file first. ``dedupe`` drops repeats of a key already sent
-    (bounded; the database still has the last word), so a file full of repeated keys is not
-    shipped whole.
+    of sending the rest of the file first.
     """
 
-    def __init__(self, lines: Iterable[str], batch_size: int, numbered: bool, watch: int | None = None,
-                 dedupe: bool = False) -> None:
+    def __init__(self, lines: Iterable[str], batch_size: int, numbered: bool, watch: int | None = None) -> None:
         self._lines, self._batch, self._numbered, self._watch = iter(lines), batch_size, numbered, watch
-        self._seen: set[str] | None = set() if dedupe else None
-        self.count = self.dropped = 0
+        self.count = 0
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
@@ -738,15 +734,8 @@ class _CopySource:
             self._queue.put(exc)
 
     def _next_batch(self) -> str:
-        batch, count, seen = [], self.count, self._seen
+        batch, count = [], self.count
         for line in self._lines:
-            if seen is not None:
-                key = line[:line.rindex("\t")]
-                if key in seen:
-                    self.dropped += 1
-                    continue
-                if len(seen) < DEDUPE_MAX_KEYS:
-                    seen.add(key)
             count += 1
             batch.append(f"{count}\t{line}" if self._numbered else line)
             if len(batch) >= self._batch:
@@ -863,8 +852,8 @@ def _insert_lines(conn, lines: Iterable[str] | Callable[[], Iterable[str]], batc
                 cur.execute("RELEASE SAVEPOINT ingest_direct")
                 return InsertResult(copied, 0)
         cur.execute(_STAGE_SQL)
-        source = _CopySource(lines() if callable(lines) else lines, batch_size, numbered=True, dedupe=True)
-        staged = source.copy_into(cur, "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN")
+        staged = _CopySource(lines() if callable(lines) else lines, batch_size, numbered=True).copy_into(
+            cur, "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN")
         cur.execute("SET LOCAL work_mem = '256MB'")
         if on_conflict == "update":
             cur.execute(_MERGE_UPDATE_SQL, {"run_id": run_id})
@@ -873,7 +862,7 @@ def _insert_lines(conn, lines: Iterable[str] | Callable[[], Iterable[str]], batc
             cur.execute(_MERGE_NOTHING_SQL)
             inserted, updated = cur.rowcount, 0
         cur.execute("TRUNCATE ingest_stage")
-        return InsertResult(inserted, staged + source.dropped - inserted - updated, updated)
+        return InsertResult(inserted, staged - inserted - updated, updated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1002,13 +991,27 @@ class _FileStats:
     """Counts for one pass over one file (a second pass starts from zero)."""
 
     def __init__(self) -> None:
-        self.read = self.rejected = self.extra_keys = 0
+        self.read = self.rejected = self.extra_keys = self.repeated = self.conflicting = 0
         self.extra_example: str | None = None
+        self.conflict_example: str | None = None
         self.digest = Digest()
+        self.seen: dict[str, str] = {}  # key part of a COPY line -> the line, first occurrence
+
+    def repeat(self, first: str, line: str) -> None:
+        """Note a line whose key an earlier line of the file had (``first``)."""
+        self.repeated += 1
+        if first != line:
+            self.conflicting += 1
+            if self.conflict_example is None:
+                key, _, value = line.rpartition("\t")
+                self.conflict_example = (f"{key.replace(chr(9), ' ')}: {first.rpartition(chr(9))[2].strip()} "
+                                         f"then {value.strip()}")
 
 
 def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats: _FileStats) -> Iterator[str]:
-    """The file's valid records as COPY lines; rejects are spooled with their reasons."""
+    """The file's valid records as COPY lines, each key once (the first; the database still
+    settles repeats beyond the remembered keys); rejects are spooled with their reasons."""
+    seen = stats.seen
     for position, obj in df.records(stats.digest):
         stats.read += 1
         if type(obj) is Unparsable:
@@ -1025,7 +1028,14 @@ def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats
             stats.extra_keys += 1
             if stats.extra_example is None:
                 stats.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
-        yield line
+        key = line[:line.rindex("\t")]
+        first = seen.get(key)
+        if first is None:
+            if len(seen) < DEDUPE_MAX_KEYS:
+                seen[key] = line
+            yield line
+        else:
+            stats.repeat(first, line)
 
 
 _MANIFEST_UPSERT = """
@@ -1144,13 +1154,11 @@ class _Loader:
         except (psycopg2.errors.DataError, psycopg2.errors.IntegrityError) as exc:
             return self._fail(conn, df, st, f"the database refused its rows: {_first_line(exc)}")
         result = FileResult(df.rel, "loaded", stats.read, stats.rejected, res.inserted, res.updated,
-                            res.duplicate)
+                            res.duplicate + stats.repeated)
         self._record(conn, df, stats.digest.size, st.st_mtime_ns, stats.digest.hexdigest(), result)
         conn.commit()
         self.rejects.publish()
-        if stats.extra_keys:
-            log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s", df.rel,
-                        stats.extra_keys, "/".join(REQUIRED_KEYS), stats.extra_example)
+        _quality_warnings(df, stats)
         return result
 
     def _fail(self, conn, df: DataFile, st: os.stat_result | None, reason: str) -> FileResult:
@@ -1173,6 +1181,18 @@ class _Loader:
             cur.execute(_MANIFEST_UPSERT, {"path": df.rel, "size": size, "mtime_ns": mtime_ns,
                                            "sha256": sha256, "status": result.status, "error": result.error,
                                            "run_id": self.run_id, **counts})
+
+
+def _quality_warnings(df: DataFile, stats: _FileStats) -> None:
+    """Say once per file what the producer should look at; nothing of it is an error."""
+    if stats.extra_keys:
+        log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s", df.rel,
+                    stats.extra_keys, "/".join(REQUIRED_KEYS), stats.extra_example)
+    if stats.conflicting:
+        more = " at least" if len(stats.seen) >= DEDUPE_MAX_KEYS else ""
+        log.warning("%s:%s %d records repeat a key seen earlier in the file with a different value; "
+                    "the first was kept (e.g. %s)", df.rel, more, stats.conflicting, stats.conflict_example,
+                    extra={"fields": {"file": df.rel, "conflicting_repeats": stats.conflicting}})
 
 
 def _unchanged(cur, df: DataFile, st: os.stat_result, known: tuple) -> bool:
