@@ -92,6 +92,7 @@ DEFAULTS = {
     "WORKERS": "1",
     "REJECT_FILE": "./rejects/rejects.jsonl",
     "LOG_LEVEL": "INFO",
+    "LOG_FORMAT": "text",
 }
 
 UTC = dt.UTC
@@ -111,13 +112,19 @@ class Config:
     workers: int = 1
     force: bool = False
     bootstrap: bool = True
+    dry_run: bool = False
+    progress: bool = False
+    log_format: str = "text"
 
     def describe_db(self) -> str:
-        """Where the database is, for messages; never includes the password."""
-        info = self.conninfo
-        if "dsn" in info:
-            return _redact(info["dsn"], info.get("password"))
-        return f"{info['host']}:{info['port']}/{info['dbname']} as {info['user']}"
+        return _describe(self.conninfo)
+
+
+def _describe(info: dict) -> str:
+    """Where the database is, for messages; never includes the password."""
+    if "dsn" in info:
+        return _redact(info["dsn"], info.get("password"))
+    return f"{info['host']}:{info['port']}/{info['dbname']} as {info['user']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,6 +899,7 @@ class Summary:
     files_skipped: int = 0
     files_busy: int = 0
     files_failed: int = 0
+    files_checked: int = 0  # --dry-run
     records_read: int = 0
     records_rejected: int = 0
     rows_inserted: int = 0
@@ -907,13 +915,20 @@ class Summary:
         self.files.append(dataclasses.asdict(result))
         key = f"files_{result.status}"
         setattr(self, key, getattr(self, key) + 1)
-        if result.status == "loaded":
+        if result.status in ("loaded", "checked"):
             for name in COUNTS:
                 setattr(self, name, getattr(self, name) + getattr(result, name))
 
     def line(self) -> str:
         keys = ("files_seen", "files_loaded", "files_skipped", "files_busy", "files_failed", *COUNTS)
+        if self.files_checked:
+            keys = ("files_seen", "files_checked", "files_failed", "records_read", "records_rejected")
         return " ".join(f"{k}={getattr(self, k)}" for k in keys) + f" seconds={self.seconds:.2f}"
+
+    def fields(self) -> dict:
+        data = dataclasses.asdict(self)
+        del data["files"]
+        return {"event": "summary", **data}
 
 
 class _RejectLog:
@@ -1066,8 +1081,8 @@ def _is_transient(exc: BaseException) -> bool:
 class _Loader:
     """Loads files one at a time over its own connection; one per process."""
 
-    def __init__(self, cfg: Config, run_id: int | None) -> None:
-        self.cfg, self.run_id = cfg, run_id
+    def __init__(self, cfg: Config, run_id: int | None, progress: _Progress | None = None) -> None:
+        self.cfg, self.run_id, self.progress = cfg, run_id, progress
         self.rejects = _RejectLog(cfg.reject_file, run_id)
         self.make_line = _LineMaker(cfg.source_tz)
         self.conn = None
@@ -1144,6 +1159,8 @@ class _Loader:
             nonlocal stats
             stats = _FileStats()
             self.rejects.discard()
+            if self.progress is not None:
+                self.progress.file_started(df, stats)
             return _valid_lines(df, self.make_line, self.rejects, stats)
 
         psycopg2 = _psycopg2()
@@ -1301,39 +1318,122 @@ def _finish_run(cfg: Config, conn, summary: Summary) -> None:
                 conn.close()
 
 
-def _report(summary: Summary, result: FileResult) -> None:
+def _report(summary: Summary, result: FileResult, progress: _Progress | None = None) -> None:
     summary.add(result)
+    if progress is not None:
+        progress.file_done(result.file)
+    fields = {"fields": {"event": "file", **dataclasses.asdict(result)}}
     if result.status in ("skipped", "busy"):
         why = "unchanged" if result.status == "skipped" else "claimed by another loader"
-        log.info("skipped %s: %s%s", result.file, why, f" ({result.error})" if result.error else "")
+        log.info("skipped %s: %s%s", result.file, why, f" ({result.error})" if result.error else "", extra=fields)
         return
-    level = logging.INFO if result.status == "loaded" else logging.ERROR
+    level = logging.ERROR if result.status == "failed" else logging.INFO
     log.log(level, "%s %s: read=%d rejected=%d inserted=%d updated=%d duplicate=%d (%.2fs)%s",
             result.status, result.file, result.records_read, result.records_rejected, result.rows_inserted,
             result.rows_updated, result.rows_duplicate, result.seconds,
-            f" - {result.error}" if result.error else "")
+            f" - {result.error}" if result.error else "", extra=fields)
 
 
-def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: Summary) -> None:
-    loader = _Loader(cfg, run_id)
+class _Progress:
+    """Progress bars on a terminal (tqdm): the file being read and all files, by bytes."""
+
+    def __init__(self, files: list[DataFile]) -> None:
+        from tqdm import tqdm
+
+        self.sizes = {df.rel: _size_or_zero(df.path) for df in files}
+        self.overall = tqdm(total=sum(self.sizes.values()), unit="B", unit_scale=True, desc="all files",
+                            position=0, dynamic_ncols=True, file=sys.stderr)
+        self.current = tqdm(total=0, unit="B", unit_scale=True, position=1, leave=False,
+                            dynamic_ncols=True, file=sys.stderr)
+        self.stats: _FileStats | None = None
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
+        self._ticker.start()
+
+    def file_started(self, df: DataFile, stats: _FileStats) -> None:
+        self.stats = stats
+        self.current.reset(total=self.sizes.get(df.rel, 0))
+        self.current.set_description_str(df.rel, refresh=False)
+
+    def file_done(self, rel: str) -> None:
+        self.stats = None
+        self.overall.update(self.sizes.get(rel, 0))
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.2):
+            stats = self.stats
+            if stats is not None:
+                self.current.n = min(stats.digest.size, self.current.total or stats.digest.size)
+                self.current.set_postfix_str(f"{stats.read:,} records", refresh=False)
+                self.current.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._ticker.join()
+        self.current.close()
+        self.overall.close()
+
+    @staticmethod
+    def write(text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: Summary,
+                     progress: _Progress | None) -> None:
+    loader = _Loader(cfg, run_id, progress)
     try:
         for df in files:
             if _Stop.signum is not None:
                 raise Interrupted(_Stop.signum)
-            _report(summary, loader.load(df))
+            _report(summary, loader.load(df), progress)
     finally:
         loader.close()
+
+
+def _check_files(cfg: Config, files: list[DataFile], summary: Summary, progress: _Progress | None) -> None:
+    """--dry-run: read and validate every file, write rejects, touch no database."""
+    rejects, make_line = _RejectLog(cfg.reject_file, None), _LineMaker(cfg.source_tz)
+    try:
+        for df in files:
+            if _Stop.signum is not None:
+                raise Interrupted(_Stop.signum)
+            stats, started = _FileStats(), time.monotonic()
+            if progress is not None:
+                progress.file_started(df, stats)
+            try:
+                for _ in _valid_lines(df, make_line, rejects, stats):
+                    pass
+            except FileFormatError as exc:
+                rejects.discard()
+                rejects.add(df.rel, None, f"file failed: {exc}")
+                result = FileResult(df.rel, "failed", error=str(exc))
+            else:
+                result = FileResult(df.rel, "checked", stats.read, stats.rejected, rows_duplicate=stats.repeated)
+                _quality_warnings(df, stats)
+            rejects.publish()
+            result.seconds = round(time.monotonic() - started, 3)
+            _report(summary, result, progress)
+    finally:
+        rejects.close()
 
 
 _WORKER: _Loader | None = None
 
 
-def _worker_init(cfg: Config, run_id: int, level: int) -> None:
+def _worker_init(cfg: Config, run_id: int) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr, force=True)
-    log.setLevel(level)
+    _setup_logging(cfg.log_level, cfg.log_format, None)
     _WORKER = _Loader(cfg, run_id)
 
 
@@ -1341,14 +1441,15 @@ def _worker_load(df: DataFile) -> FileResult:
     return _WORKER.load(df)
 
 
-def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Summary) -> None:
+def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Summary,
+                   progress: _Progress | None) -> None:
     """Hand files to worker processes; each claims its file through the same database lock."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     todo = iter(files)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_worker_init,
-                             initargs=(cfg, run_id, log.getEffectiveLevel())) as pool:
+                             initargs=(cfg, run_id)) as pool:
         pending = {}
 
         def submit_next() -> None:
@@ -1362,7 +1463,7 @@ def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Sum
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 del pending[future]
-                _report(summary, future.result())
+                _report(summary, future.result(), progress)
                 submit_next()
     if _Stop.signum is not None and len(summary.files) < len(files):
         raise Interrupted(_Stop.signum)
@@ -1370,6 +1471,9 @@ def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Sum
 
 def _run(cfg: Config, summary: Summary) -> None:
     _RejectLog(cfg.reject_file, None).close()  # fail early (exit 2) if it cannot be written
+    if cfg.dry_run:
+        _with_progress(cfg, summary, lambda files, progress: _check_files(cfg, files, summary, progress))
+        return
     conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
     try:
         if cfg.bootstrap:
@@ -1382,22 +1486,77 @@ def _run(cfg: Config, summary: Summary) -> None:
         except _psycopg2().Error as exc:
             raise DatabaseError(f"cannot start the run: {_first_line(exc)}") from None
         try:
-            files = list(load_files(cfg.data_dir))
-            load = _load_parallel if cfg.workers > 1 and len(files) > 1 else _load_sequential
-            load(cfg, summary.run_id, files, summary)
-            summary.status = "rejects" if summary.files_failed or summary.records_rejected else "ok"
-        except Interrupted as exc:
-            summary.status, summary.error = "interrupted", str(exc)
-            raise
-        except BaseException as exc:
-            summary.status, summary.error = "failed", str(exc) or type(exc).__name__
-            raise
+            def load(files: list[DataFile], progress: _Progress | None) -> None:
+                parallel = cfg.workers > 1 and len(files) > 1
+                (_load_parallel if parallel else _load_sequential)(cfg, summary.run_id, files, summary, progress)
+
+            _with_progress(cfg, summary, load)
         finally:
-            summary.files.sort(key=lambda f: f["file"])
             _finish_run(cfg, conn, summary)
     finally:
         if not conn.closed:
             conn.close()
+
+
+def _with_progress(cfg: Config, summary: Summary, work: Callable) -> None:
+    """List the files, run ``work(files, progress)``, and settle the summary's status."""
+    files = list(load_files(cfg.data_dir))
+    progress = _Progress(files) if cfg.progress else None
+    _LOG_HANDLER.progress = progress
+    try:
+        work(files, progress)
+        summary.status = "rejects" if summary.files_failed or summary.records_rejected else "ok"
+    except Interrupted as exc:
+        summary.status, summary.error = "interrupted", str(exc)
+        raise
+    except BaseException as exc:
+        summary.status, summary.error = "failed", str(exc) or type(exc).__name__
+        raise
+    finally:
+        _LOG_HANDLER.progress = None
+        if progress is not None:
+            progress.close()
+        summary.files.sort(key=lambda f: f["file"])
+
+
+# --- logging ----------------------------------------------------------------------------------
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and the record's structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {"time": dt.datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+                "level": record.levelname.lower(), "message": record.getMessage()}
+        data.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            data["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+class _Handler(logging.StreamHandler):
+    """stderr, written around the progress bars while they are shown."""
+
+    progress: _Progress | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.progress is None:
+            super().emit(record)
+            return
+        try:
+            self.progress.write(self.format(record))
+        except Exception:  # noqa: BLE001 (logging must never raise)
+            self.handleError(record)
+
+
+_LOG_HANDLER = _Handler()
+
+
+def _setup_logging(level: str, fmt: str, progress: _Progress | None) -> None:
+    global _LOG_HANDLER
+    _LOG_HANDLER = _Handler(sys.stderr)  # a new one: sys.stderr may have been replaced since
+    _LOG_HANDLER.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
+    _LOG_HANDLER.progress = progress
+    logging.basicConfig(handlers=[_LOG_HANDLER], force=True)
+    log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1433,6 +1592,7 @@ SETTINGS = (
     ("--reject-file", "REJECT_FILE", str, "rejected records are appended here, as JSON Lines"),
     ("--connect-timeout", "CONNECT_TIMEOUT", _positive_int, "seconds to wait for the database"),
     ("--log-level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
+    ("--log-format", "LOG_FORMAT", _choice("text", "json"), "log lines as text, or one JSON object each"),
 )
 
 
@@ -1443,7 +1603,8 @@ def _parser() -> argparse.ArgumentParser:
         "Settings: flag > environment > .env file > default. The database is set by DATABASE_URL, "
         "or POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD "
         "(environment or .env only, so the password never shows in a process list).",
-        epilog="Exit codes: 0 all loaded; 1 some records or files rejected; 2 usage or configuration "
+        epilog="Also: 'ingest.py status [--json]' shows what the database holds and what the last runs did. "
+        "Exit codes: 0 all loaded; 1 some records or files rejected; 2 usage or configuration "
         "error; 3 database unreachable or failed; 130/143 stopped by SIGINT/SIGTERM between files.",
     )
     for flag, env, parse, text in SETTINGS:
@@ -1452,7 +1613,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-json", help="also write the run's counts to this JSON file")
     p.add_argument("--force", action="store_true", help="load every file, even those the manifest "
                    "shows unchanged since their last load")
+    p.add_argument("--dry-run", action="store_true", help="read and validate everything, write the reject file "
+                   "and summary, touch no database")
     p.add_argument("--no-bootstrap", action="store_true", help="do not apply sql/schema.sql (it must exist already)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display, warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -1488,24 +1652,32 @@ def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
     data_dir = Path(values["DATA_DIR"])
     if not data_dir.is_dir():
         raise ConfigError(f"DATA_DIR {data_dir} is not a directory")
-    conninfo: dict = {"connect_timeout": values["CONNECT_TIMEOUT"]}
+    level = "DEBUG" if args.verbose else "WARNING" if args.quiet else values["LOG_LEVEL"].upper()
+    return Config(
+        conninfo=_conninfo(s, values["CONNECT_TIMEOUT"], port),
+        data_dir=data_dir,
+        source_tz=_timezone(values["SOURCE_TIMEZONE"]),
+        batch_size=values["BATCH_SIZE"],
+        reject_file=Path(values["REJECT_FILE"]),
+        log_level=level,
+        on_conflict=values["ON_CONFLICT"],
+        workers=values["WORKERS"],
+        force=args.force,
+        bootstrap=not args.no_bootstrap,
+        dry_run=args.dry_run,
+        progress=not args.quiet and values["LOG_FORMAT"] == "text" and sys.stderr.isatty(),
+        log_format=values["LOG_FORMAT"],
+    )
+
+
+def _conninfo(s: dict, timeout: int, port: int) -> dict:
+    conninfo: dict = {"connect_timeout": timeout}
     if s.get("DATABASE_URL"):
         conninfo["dsn"] = s["DATABASE_URL"]
     else:
         conninfo.update(host=s["POSTGRES_HOST"], port=port, dbname=s["POSTGRES_DB"],
                         user=s["POSTGRES_USER"], password=s["POSTGRES_PASSWORD"])
-    return Config(
-        conninfo=conninfo,
-        data_dir=data_dir,
-        source_tz=_timezone(values["SOURCE_TIMEZONE"]),
-        batch_size=values["BATCH_SIZE"],
-        reject_file=Path(values["REJECT_FILE"]),
-        log_level="DEBUG" if args.verbose else values["LOG_LEVEL"].upper(),
-        on_conflict=values["ON_CONFLICT"],
-        workers=values["WORKERS"],
-        force=args.force,
-        bootstrap=not args.no_bootstrap,
-    )
+    return conninfo
 
 
 def _timezone(name: str) -> dt.tzinfo:
@@ -1530,15 +1702,18 @@ def _write_summary(path: Path, summary: Summary) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        return _status_main(argv[1:])
     args = _parser().parse_args(argv)  # exits 2 on bad flags, before any I/O
-    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr, force=True)
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _setup_logging("DEBUG" if args.verbose else "INFO", "text", None)
     started = time.monotonic()
     summary = Summary()
     _Stop.install()
+    cfg = None
     try:
         cfg = _resolve_config(args, dict(os.environ))
-        log.setLevel(cfg.log_level)
+        _setup_logging(cfg.log_level, cfg.log_format, None)
         _run(cfg, summary)
         code = EXIT_REJECTS if summary.status == "rejects" else EXIT_OK
     except (IngestError, KeyboardInterrupt) as exc:
@@ -1546,21 +1721,111 @@ def main(argv: Sequence[str] | None = None) -> int:
             exc = Interrupted(_Stop.signum or signal.SIGINT)
         if summary.status == "running":
             summary.status, summary.error = "failed", str(exc)
-        if args.verbose:
-            log.exception("error")
-        print(f"error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
         code = exc.exit_code
+        _report_error(exc, code, cfg, args.verbose)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     summary.seconds = round(time.monotonic() - started, 3)
     if code != EXIT_USAGE:
-        log.info("summary: %s", summary.line())
+        log.log(logging.WARNING if code else logging.INFO, "summary: %s", summary.line(),
+                extra={"fields": {**summary.fields(), "exit_code": code}})
     if args.summary_json:
         _write_summary(Path(args.summary_json), summary)
     return code
+
+
+def _report_error(exc: IngestError, code: int, cfg: Config | None, verbose: bool) -> None:
+    """One line on stderr (a JSON log line with --log-format json); a traceback only if verbose."""
+    if cfg is not None and cfg.log_format == "json":
+        log.error("%s", exc, exc_info=verbose, extra={"fields": {"event": "error", "exit_code": code,
+                                                                 "hint": exc.hint or None}})
+        return
+    if verbose:
+        log.exception("error")
+    print(f"error: {exc}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+
+
+# --- ingest.py status --------------------------------------------------------------------------
+_STATUS_QUERIES = {
+    "data": 'SELECT metric, user_id, count(*), min("timestamp"), max("timestamp") FROM raw_data '
+            "GROUP BY metric, user_id ORDER BY metric, user_id",
+    "runs": "SELECT run_id, started_at, finished_at, status, host, files_seen, files_loaded, files_skipped, "
+            "files_failed, records_read, records_rejected, rows_inserted, rows_updated, rows_duplicate, error "
+            "FROM ingest_runs ORDER BY run_id DESC LIMIT %(limit)s",
+    "failed_files": "SELECT path, error, run_id FROM ingest_files WHERE status = 'failed' AND run_id = "
+                    "(SELECT max(run_id) FROM ingest_runs WHERE status <> 'running') ORDER BY path",
+}
+
+
+def _status_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ingest.py status", description="Show what raw_data holds (rows, first "
+                                "and last timestamp per metric and user), the last runs, and the files that "
+                                "failed in the last finished run. Database settings as for a load.")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--runs", type=_positive_int, default=10, help="how many recent runs to show (default 10)")
+    p.add_argument("--env-file", help="dotenv file to read settings from (default ./.env, if present)")
+    args = p.parse_args(argv)
+    _setup_logging("WARNING", "text", None)
+    try:
+        s = _settings(args.env_file, dict(os.environ))
+        try:
+            timeout, port = _positive_int(s["CONNECT_TIMEOUT"]), _positive_int(s["POSTGRES_PORT"])
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(str(exc)) from None
+        info = _conninfo(s, timeout, port)
+        report = _status_report(connect_db(info, describe=_describe(info)), args.runs)
+    except IngestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(report, indent=2, default=str) if args.json else _status_text(report))
+    return EXIT_OK
+
+
+def _status_report(conn, runs: int) -> dict:
+    psycopg2 = _psycopg2()
+    report = {}
+    try:
+        with conn.cursor() as cur:
+            for name, sql in _STATUS_QUERIES.items():
+                cur.execute(sql, {"limit": runs})
+                columns = [c.name for c in cur.description]
+                report[name] = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+    except psycopg2.errors.UndefinedTable as exc:
+        raise DatabaseError(f"{_first_line(exc)}: nothing loaded here yet (run the loader once)") from None
+    except psycopg2.Error as exc:
+        raise DatabaseError(_first_line(exc)) from None
+    finally:
+        conn.close()
+    return report
+
+
+def _status_text(report: dict) -> str:
+    def stamp(value) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S%z") if value else "-"
+
+    data = [[r["metric"], r["user_id"], f"{r['count']:,}", stamp(r["min"]), stamp(r["max"])] for r in report["data"]]
+    runs = [[r["run_id"], stamp(r["started_at"]), r["status"], r["files_loaded"], r["files_skipped"],
+             r["files_failed"], f"{r['records_read']:,}", f"{r['records_rejected']:,}", f"{r['rows_inserted']:,}",
+             f"{r['rows_updated']:,}", f"{r['rows_duplicate']:,}"] for r in report["runs"]]
+    failed = [[r["path"], (r["error"] or "")[:100]] for r in report["failed_files"]]
+    return "\n".join([
+        "raw_data", _table(["metric", "user_id", "rows", "first", "last"], data), "",
+        "recent runs", _table(["run", "started", "status", "loaded", "skipped", "failed", "read", "rejected",
+                               "inserted", "updated", "duplicate"], runs), "",
+        "files that failed in the last run", _table(["file", "error"], failed) if failed else "(none)",
+    ])
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines) if rows else lines[0] + "\n(none)"
 
 
 if __name__ == "__main__":
