@@ -1341,10 +1341,11 @@ class _Progress:
         from tqdm import tqdm
 
         self.sizes = {df.rel: _size_or_zero(df.path) for df in files}
+        columns, lines = _terminal_size()
+        size = {"ncols": columns, "nrows": lines, "file": sys.stderr}
         self.overall = tqdm(total=sum(self.sizes.values()), unit="B", unit_scale=True, desc="all files",
-                            position=0, dynamic_ncols=True, file=sys.stderr)
-        self.current = tqdm(total=0, unit="B", unit_scale=True, position=1, leave=False,
-                            dynamic_ncols=True, file=sys.stderr)
+                            position=0, **size)
+        self.current = tqdm(total=0, unit="B", unit_scale=True, position=1, leave=False, **size)
         self.stats: _FileStats | None = None
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
@@ -1378,6 +1379,15 @@ class _Progress:
         from tqdm import tqdm
 
         tqdm.write(text, file=sys.stderr)
+
+
+def _terminal_size() -> tuple[int, int]:
+    """Columns and lines of stderr's terminal; one that reports no size (0x0) gets 100x24."""
+    try:
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        columns = lines = 0
+    return (columns if columns >= 40 else 100), (lines if lines >= 4 else 24)
 
 
 def _size_or_zero(path: Path) -> int:
@@ -1555,7 +1565,9 @@ def _setup_logging(level: str, fmt: str, progress: _Progress | None) -> None:
     _LOG_HANDLER = _Handler(sys.stderr)  # a new one: sys.stderr may have been replaced since
     _LOG_HANDLER.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
     _LOG_HANDLER.progress = progress
-    logging.basicConfig(handlers=[_LOG_HANDLER], force=True)
+    for handler in [h for h in log.handlers if isinstance(h, _Handler)]:
+        log.removeHandler(handler)
+    log.addHandler(_LOG_HANDLER)  # on the "ingest" logger only: an embedding program keeps its own
     log.setLevel(level)
 
 
