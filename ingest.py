@@ -85,6 +85,7 @@ DEFAULTS = {
     "POSTGRES_USER": "postgres",
     "POSTGRES_PASSWORD": "",
     "CONNECT_TIMEOUT": "5",
+    "STATEMENT_TIMEOUT": "0",
     "DATA_DIR": "./Task-0/extracted_data",
     "SOURCE_TIMEZONE": "UTC",
     "BATCH_SIZE": "20000",
@@ -155,6 +156,12 @@ class FileFormatError(IngestError):
 
 class DatabaseError(IngestError):
     exit_code = EXIT_DATABASE
+
+
+class RejectFileError(IngestError):
+    """Rejects cannot be written (disk full, permissions): the file in flight is rolled back."""
+
+    exit_code = EXIT_USAGE
 
 
 class ConnectError(DatabaseError):
@@ -975,7 +982,7 @@ class _RejectLog:
             else:
                 _write_all(self._fd, self._spool.getvalue().encode("utf-8"))
         except OSError as exc:
-            raise IngestError(f"cannot write the reject file {self.path}: {exc.strerror or exc}") from None
+            raise RejectFileError(f"cannot write the reject file {self.path}: {exc.strerror or exc}") from None
         finally:
             self.discard()
 
@@ -1173,8 +1180,7 @@ class _Loader:
         result = FileResult(df.rel, "loaded", stats.read, stats.rejected, res.inserted, res.updated,
                             res.duplicate + stats.repeated)
         self._record(conn, df, stats.digest.size, st.st_mtime_ns, stats.digest.hexdigest(), result)
-        conn.commit()
-        self.rejects.publish()
+        self._publish_then_commit(conn)
         _quality_warnings(df, stats)
         return result
 
@@ -1187,9 +1193,20 @@ class _Loader:
             with conn.cursor() as cur:
                 cur.execute("ROLLBACK TO SAVEPOINT ingest_file")
             self._record(conn, df, st.st_size, st.st_mtime_ns, None, result)
-            conn.commit()
-        self.rejects.publish()
+            self._publish_then_commit(conn)
+        else:
+            self.rejects.publish()
         return result
+
+    def _publish_then_commit(self, conn) -> None:
+        """Rejects are written before the rows commit: if they cannot be, the file rolls back
+        (nothing is lost; a crash between the two can repeat a file's reject lines, never rows)."""
+        try:
+            self.rejects.publish()
+        except RejectFileError:
+            _rollback(conn)
+            raise
+        conn.commit()
 
     def _record(self, conn, df: DataFile, size: int, mtime_ns: int, sha256: str | None,
                 result: FileResult) -> None:
@@ -1584,6 +1601,10 @@ def _positive_int(text: str) -> int:
     return number
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.lower() not in allowed:
@@ -1603,6 +1624,8 @@ SETTINGS = (
     ("--workers", "WORKERS", _positive_int, "files loaded in parallel by worker processes"),
     ("--reject-file", "REJECT_FILE", str, "rejected records are appended here, as JSON Lines"),
     ("--connect-timeout", "CONNECT_TIMEOUT", _positive_int, "seconds to wait for the database"),
+    ("--statement-timeout", "STATEMENT_TIMEOUT", _non_negative_int,
+     "seconds one statement (a file's COPY, say) may run; 0 means no limit"),
     ("--log-level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
     ("--log-format", "LOG_FORMAT", _choice("text", "json"), "log lines as text, or one JSON object each"),
 )
@@ -1613,8 +1636,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="ingest.py",
         description="Load Task-0 Fitbit JSON files into the TimescaleDB hypertable raw_data. "
         "Settings: flag > environment > .env file > default. The database is set by DATABASE_URL, "
-        "or POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD "
-        "(environment or .env only, so the password never shows in a process list).",
+        "or POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD, and TLS by "
+        "POSTGRES_SSLMODE, POSTGRES_SSLROOTCERT, POSTGRES_SSLCERT, POSTGRES_SSLKEY (environment or .env only, "
+        "so the password never shows in a process list).",
         epilog="Also: 'ingest.py status [--json]' shows what the database holds and what the last runs did. "
         "Exit codes: 0 all loaded; 1 some records or files rejected; 2 usage or configuration "
         "error; 3 database unreachable or failed; 130/143 stopped by SIGINT/SIGTERM between files.",
@@ -1665,8 +1689,11 @@ def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
     if not data_dir.is_dir():
         raise ConfigError(f"DATA_DIR {data_dir} is not a directory")
     level = "DEBUG" if args.verbose else "WARNING" if args.quiet else values["LOG_LEVEL"].upper()
+    conninfo = _conninfo(s, values["CONNECT_TIMEOUT"], port)
+    if values["STATEMENT_TIMEOUT"]:
+        conninfo["options"] = f"-c statement_timeout={values['STATEMENT_TIMEOUT'] * 1000}"
     return Config(
-        conninfo=_conninfo(s, values["CONNECT_TIMEOUT"], port),
+        conninfo=conninfo,
         data_dir=data_dir,
         source_tz=_timezone(values["SOURCE_TIMEZONE"]),
         batch_size=values["BATCH_SIZE"],
@@ -1684,6 +1711,9 @@ def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
 
 def _conninfo(s: dict, timeout: int, port: int) -> dict:
     conninfo: dict = {"connect_timeout": timeout}
+    for key in ("sslmode", "sslrootcert", "sslcert", "sslkey"):  # libpq's TLS settings, if given
+        if s.get(f"POSTGRES_{key.upper()}"):
+            conninfo[key] = s[f"POSTGRES_{key.upper()}"]
     if s.get("DATABASE_URL"):
         conninfo["dsn"] = s["DATABASE_URL"]
     else:
