@@ -1154,7 +1154,7 @@ class _Loader:
             known = cur.fetchone()
             if known and not self.cfg.force and _unchanged(cur, df, st, known):
                 conn.commit()
-                note = f"unchanged since it failed: {known[4]}" if known[3] == "failed" else None
+                note = f"it failed before: {known[4]}" if known[3] == "failed" else None
                 return FileResult(df.rel, "skipped", error=note)
             cur.execute("SAVEPOINT ingest_file")
         return self._insert(conn, df, st)
@@ -1797,15 +1797,15 @@ _STATUS_QUERIES = {
     "runs": "SELECT run_id, started_at, finished_at, status, host, files_seen, files_loaded, files_skipped, "
             "files_failed, records_read, records_rejected, rows_inserted, rows_updated, rows_duplicate, error "
             "FROM ingest_runs ORDER BY run_id DESC LIMIT %(limit)s",
-    "failed_files": "SELECT path, error, run_id FROM ingest_files WHERE status = 'failed' AND run_id = "
-                    "(SELECT max(run_id) FROM ingest_runs WHERE status <> 'running') ORDER BY path",
+    "failed_files": "SELECT path, error, run_id, loaded_at FROM ingest_files WHERE status = 'failed' "
+                    "ORDER BY run_id DESC NULLS LAST, path",
 }
 
 
 def _status_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="ingest.py status", description="Show what raw_data holds (rows, first "
-                                "and last timestamp per metric and user), the last runs, and the files that "
-                                "failed in the last finished run. Database settings as for a load.")
+                                "and last timestamp per metric and user), the last runs, and the files whose "
+                                "last load failed, with the run that tried. Database settings as for a load.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--runs", type=_positive_int, default=10, help="how many recent runs to show (default 10)")
     p.add_argument("--env-file", help="dotenv file to read settings from (default ./.env, if present)")
@@ -1852,12 +1852,12 @@ def _status_text(report: dict) -> str:
     runs = [[r["run_id"], stamp(r["started_at"]), r["status"], r["files_loaded"], r["files_skipped"],
              r["files_failed"], f"{r['records_read']:,}", f"{r['records_rejected']:,}", f"{r['rows_inserted']:,}",
              f"{r['rows_updated']:,}", f"{r['rows_duplicate']:,}"] for r in report["runs"]]
-    failed = [[r["path"], (r["error"] or "")[:100]] for r in report["failed_files"]]
+    failed = [[r["path"], r["run_id"], (r["error"] or "")[:100]] for r in report["failed_files"]]
     return "\n".join([
         "raw_data", _table(["metric", "user_id", "rows", "first", "last"], data), "",
         "recent runs", _table(["run", "started", "status", "loaded", "skipped", "failed", "read", "rejected",
                                "inserted", "updated", "duplicate"], runs), "",
-        "files that failed in the last run", _table(["file", "error"], failed) if failed else "(none)",
+        "files that failed (and have not loaded since)", _table(["file", "run", "error"], failed),
     ])
 
 

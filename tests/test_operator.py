@@ -127,10 +127,10 @@ def test_status_shows_data_runs_and_failed_files(run, db):
     assert report["data"][1]["min"].startswith("2024-01-01") and report["data"][1]["max"].startswith("2024-01-02")
     (last,) = report["runs"]
     assert (last["status"], last["files_loaded"], last["files_failed"], last["rows_inserted"]) == ("rejects", 1, 1, 3)
-    assert [f["path"] for f in report["failed_files"]] == ["b.json"]
+    assert [(f["path"], f["run_id"]) for f in report["failed_files"]] == [("b.json", last["run_id"])]
     text = subprocess.run([sys.executable, str(ROOT / "ingest.py"), "status"], capture_output=True, text=True,
                           check=False, cwd=run.tmp).stdout
-    assert "raw_data" in text and "recent runs" in text and "files that failed in the last run" in text
+    assert "raw_data" in text and "recent runs" in text and "files that failed (and have not loaded since)" in text
     assert "u2" in text and "b.json" in text and "rejects" in text
 
 
