@@ -1867,6 +1867,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines = [line.rstrip() for line in lines]
     return "\n".join(lines) if rows else lines[0] + "\n(none)"
 
 
