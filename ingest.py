@@ -64,7 +64,7 @@ METRICS = frozenset(METRIC_BOUNDS)
 REQUIRED_KEYS = ("user_id", "metric", "timestamp", "value")
 MAX_USER_ID_CHARS = 255  # keeps the primary-key index entry far below btree's ~2.7 kB limit
 MAX_RECORD_CHARS = 16 * 1024 * 1024  # one record bigger than this fails its file (bounds memory)
-DEDUPE_MAX_KEYS = 300_000  # keys remembered per file to drop in-file repeats before COPY (~40 MB)
+DEDUPE_MAX_KEYS = 200_000  # keys remembered per file to drop in-file repeats before COPY (~45 MB)
 REJECT_RECORD_CHARS = 1000  # a rejected record is quoted up to this many characters
 READ_CHUNK_CHARS = 1 << 20  # characters read from a file at a time
 SCHEMA_PATH = Path(__file__).resolve().parent / "sql" / "schema.sql"
@@ -775,6 +775,12 @@ class _CopySource:
             except queue.Empty:
                 pass
         self._thread.join()
+        # Close the line generator now (its file, buffers and key memory) rather than whenever a
+        # reference cycle through a stored exception gets collected.
+        close = getattr(self._lines, "close", None)
+        if close is not None:
+            close()
+        self._lines = iter(())
 
     def copy_into(self, cur, sql: str) -> int:
         """Run COPY with this object as its input; return the rows the server reports."""
@@ -782,8 +788,9 @@ class _CopySource:
         try:
             cur.copy_expert(sql, self, size=1 << 16)
         except _psycopg2().Error:
-            if self.error is not None:
-                raise self.error from None
+            error, self.error = self.error, None  # no cycle through self keeps the batches alive
+            if error is not None:
+                raise error from None
             raise
         finally:
             self._close()
@@ -853,9 +860,9 @@ def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, b
 
 
 def _insert_lines(conn, lines: Iterable[str] | Callable[[], Iterable[str]], batch_size: int,
-                  on_conflict: str, run_id: int) -> InsertResult:
+                  on_conflict: str, run_id: int, direct: bool = True) -> InsertResult:
     with conn.cursor() as cur:
-        if callable(lines) and on_conflict == "nothing":
+        if callable(lines) and on_conflict == "nothing" and direct:
             cur.execute("SAVEPOINT ingest_direct")
             try:
                 copied = _CopySource(lines(), batch_size, numbered=False, watch=conn.fileno()).copy_into(
@@ -1017,17 +1024,15 @@ class _FileStats:
         self.extra_example: str | None = None
         self.conflict_example: str | None = None
         self.digest = Digest()
-        self.seen: dict[str, str] = {}  # key part of a COPY line -> the line, first occurrence
+        self.seen: dict[str, str] = {}  # key part of a COPY line -> its value part, first occurrence
 
-    def repeat(self, first: str, line: str) -> None:
-        """Note a line whose key an earlier line of the file had (``first``)."""
+    def repeat(self, key: str, first: str, value: str) -> None:
+        """Note a record whose key an earlier record of the file had (with value ``first``)."""
         self.repeated += 1
-        if first != line:
+        if first != value:
             self.conflicting += 1
             if self.conflict_example is None:
-                key, _, value = line.rpartition("\t")
-                self.conflict_example = (f"{key.replace(chr(9), ' ')}: {first.rpartition(chr(9))[2].strip()} "
-                                         f"then {value.strip()}")
+                self.conflict_example = f"{key.replace(chr(9), ' ')}: {first.strip()} then {value.strip()}"
 
 
 def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats: _FileStats) -> Iterator[str]:
@@ -1050,14 +1055,15 @@ def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats
             stats.extra_keys += 1
             if stats.extra_example is None:
                 stats.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
-        key = line[:line.rindex("\t")]
+        cut = line.rindex("\t")
+        key = line[:cut]
         first = seen.get(key)
         if first is None:
             if len(seen) < DEDUPE_MAX_KEYS:
-                seen[key] = line
+                seen[key] = line[cut:]
             yield line
         else:
-            stats.repeat(first, line)
+            stats.repeat(key, first, line[cut:])
 
 
 _MANIFEST_UPSERT = """
@@ -1096,13 +1102,30 @@ class _Loader:
 
     def close(self) -> None:
         self.rejects.close()
-        if self.conn is not None:
-            self.conn.close()
+        if self.conn is not None and not self.conn.closed:
+            try:
+                self._flush_commits()
+            finally:
+                self.conn.close()
 
     def _connection(self):
         if self.conn is None or self.conn.closed:
             self.conn = connect_db(self.cfg.conninfo, describe=self.cfg.describe_db())
+            # Each file commits without waiting for its WAL flush: a server crash can undo the
+            # last fraction of a second of commits, always a whole file with its manifest row, so
+            # the next run simply loads those files again. close() ends with a synchronous commit,
+            # so a finished run is durable. This saves an fsync per file (many small files).
+            with self.conn.cursor() as cur:
+                cur.execute("SET synchronous_commit = off")
+            self.conn.commit()
         return self.conn
+
+    def _flush_commits(self) -> None:
+        """A synchronous commit flushes the WAL of every earlier asynchronous one."""
+        with self.conn.cursor() as cur:
+            cur.execute("SET LOCAL synchronous_commit = on")
+            cur.execute("SELECT txid_current()")  # a write-transaction, so its commit waits for the flush
+        self.conn.commit()
 
     def load(self, df: DataFile) -> FileResult:
         """Load one file; on a transient database error reconnect and retry it, with backoff."""
@@ -1157,9 +1180,11 @@ class _Loader:
                 note = f"it failed before: {known[4]}" if known[3] == "failed" else None
                 return FileResult(df.rel, "skipped", error=note)
             cur.execute("SAVEPOINT ingest_file")
-        return self._insert(conn, df, st)
+        # A file loaded before (changed, or --force) will mostly find its keys present: staging
+        # straight away saves a direct COPY that would fail.
+        return self._insert(conn, df, st, direct=not (known and known[3] == "loaded"))
 
-    def _insert(self, conn, df: DataFile, st: os.stat_result) -> FileResult:
+    def _insert(self, conn, df: DataFile, st: os.stat_result, direct: bool) -> FileResult:
         stats = _FileStats()
 
         def fresh_lines() -> Iterator[str]:
@@ -1172,7 +1197,8 @@ class _Loader:
 
         psycopg2 = _psycopg2()
         try:
-            res = _insert_lines(conn, fresh_lines, self.cfg.batch_size, self.cfg.on_conflict, self.run_id or 0)
+            res = _insert_lines(conn, fresh_lines, self.cfg.batch_size, self.cfg.on_conflict, self.run_id or 0,
+                                direct)
         except FileFormatError as exc:
             return self._fail(conn, df, st, str(exc))
         except (psycopg2.errors.DataError, psycopg2.errors.IntegrityError) as exc:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -75,10 +76,21 @@ def _new_database(template: str) -> str:
 
 
 def _drop_database(name: str) -> None:
+    """Plain DROP first: WITH (FORCE) cannot end an autovacuum worker for a non-superuser."""
     admin = _admin()
-    with admin.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    try:
+        for attempt in range(20):
+            try:
+                with admin.cursor() as cur:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}"' + (" WITH (FORCE)" if attempt % 2 else ""))
+                return
+            except psycopg2.errors.ObjectInUse:
+                time.sleep(0.25)
+            except psycopg2.errors.InsufficientPrivilege:
+                time.sleep(0.25)
+        raise RuntimeError(f"could not drop test database {name}")
+    finally:
+        admin.close()
 
 
 class Db:
