@@ -88,7 +88,7 @@ DEFAULTS = {
     "STATEMENT_TIMEOUT": "0",
     "DATA_DIR": "./Task-0/extracted_data",
     "SOURCE_TIMEZONE": "UTC",
-    "BATCH_SIZE": "20000",
+    "BATCH_SIZE": "2000",
     "ON_CONFLICT": "nothing",
     "WORKERS": "1",
     "REJECT_FILE": "./rejects/rejects.jsonl",
@@ -315,19 +315,22 @@ def _copy_line(row: Row, escaped_user: str | None = None) -> str:
 
 
 class _LineMaker:
-    """Validated record -> COPY line, with a fast path for the shape Task-0 writes.
+    """Validated record -> COPY line as (key part, value part), with a fast path for Task-0's shape.
 
     The fast path accepts only a subset that it checks completely (a user_id already accepted,
     a known metric, "YYYY-MM-DDTHH:MM:SS" in UTC, a number within bounds) and produces exactly
-    the line validate_record's Row would. Everything else goes through validate_record, which
-    also supplies the reason for a reject.
+    what validate_record's Row would. Everything else goes through validate_record, which also
+    supplies the reason for a reject. Timestamps and values repeat across records, so their
+    checked text is remembered (bounded).
     """
 
     def __init__(self, tz: dt.tzinfo) -> None:
         self.tz, self.naive_is_utc = tz, tz is UTC
         self.users: dict[str, str] = {}  # accepted user_id -> its escaped COPY text
+        self.stamps: dict[str, str] = {}  # timestamp text -> canonical UTC text, "" if not fast
+        self.values: dict[float, str] = {}  # number -> "\t<repr>\n"
 
-    def __call__(self, obj: object) -> str:
+    def __call__(self, obj: object) -> tuple[str, str]:
         try:
             user, metric, ts, value = obj["user_id"], obj["metric"], obj["timestamp"], obj["value"]
         except (KeyError, TypeError, IndexError):
@@ -335,17 +338,32 @@ class _LineMaker:
         if type(user) is str and type(metric) is str and type(ts) is str:
             escaped, bounds, kind = self.users.get(user), METRIC_BOUNDS.get(metric), type(value)
             if escaped is not None and bounds is not None and (kind is float or kind is int):
-                match = _FAST_TIMESTAMP.fullmatch(ts)
-                if (match and (match.group(1) or self.naive_is_utc) and bounds[0] <= value <= bounds[1]
-                        and _calendar_ok(ts[:19])):
-                    return f"{escaped}\t{metric}\t{ts[:19]}+00:00\t{float(value)!r}\n"
+                stamp = self.stamps.get(ts)
+                if stamp is None:
+                    stamp = self._stamp(ts)
+                if stamp and bounds[0] <= value <= bounds[1]:
+                    tail = self.values.get(value)
+                    if tail is None:
+                        tail = f"\t{float(value)!r}\n"
+                        if len(self.values) < 10_000:
+                            self.values[value] = tail
+                    return f"{escaped}\t{metric}\t{stamp}", tail
         row = validate_record(obj, self.tz)
         escaped = self.users.get(row.user_id)
         if escaped is None:
             if len(self.users) >= 100_000:
                 self.users.clear()
             escaped = self.users[row.user_id] = row.user_id.translate(_COPY_ESCAPES)
-        return _copy_line(row, escaped)
+        return f"{escaped}\t{row.metric}\t{row.timestamp.isoformat()}", f"\t{row.value!r}\n"
+
+    def _stamp(self, ts: str) -> str:
+        match = _FAST_TIMESTAMP.fullmatch(ts)
+        ok = match and (match.group(1) or self.naive_is_utc) and _calendar_ok(ts[:19])
+        stamp = f"{ts[:19]}+00:00" if ok else ""
+        if len(self.stamps) >= 100_000:  # ~15 MB; a day of one-second readings fits
+            self.stamps.clear()
+        self.stamps[ts] = stamp
+        return stamp
 
 
 def _calendar_ok(text: str) -> bool:
@@ -841,7 +859,7 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 """
 
 
-def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, batch_size: int = 20000,
+def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, batch_size: int = 2000,
                    on_conflict: str = "nothing", run_id: int = 0) -> InsertResult:
     """Insert rows into raw_data inside the caller's transaction.
 
@@ -963,7 +981,10 @@ class _RejectLog:
     def add(self, file: str, position: int | None, reason: str, record: object = None) -> None:
         entry = {"run_id": self.run_id, "file": file, "position": position, "reason": reason,
                  "record": _quote(record)}
-        self._spool.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        line = json.dumps(entry, ensure_ascii=False)
+        if not line.isascii():  # a lone surrogate ("\ud800") cannot be UTF-8: keep it as its escape
+            line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+        self._spool.write(line + "\n")
         if self._spool.tell() > 1 << 22:  # keep memory bounded on a file full of rejects
             self._spill()
 
@@ -1046,7 +1067,7 @@ def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats
             rejects.add(df.rel, position, obj.reason, obj)
             continue
         try:
-            line = make_line(obj)
+            key, tail = make_line(obj)
         except ValidationError as exc:
             stats.rejected += 1
             rejects.add(df.rel, position, str(exc), obj)
@@ -1055,15 +1076,13 @@ def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats
             stats.extra_keys += 1
             if stats.extra_example is None:
                 stats.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
-        cut = line.rindex("\t")
-        key = line[:cut]
         first = seen.get(key)
         if first is None:
             if len(seen) < DEDUPE_MAX_KEYS:
-                seen[key] = line[cut:]
-            yield line
+                seen[key] = tail
+            yield key + tail
         else:
-            stats.repeat(key, first, line[cut:])
+            stats.repeat(key, first, tail)
 
 
 _MANIFEST_UPSERT = """
