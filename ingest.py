@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import queue
 import re
@@ -726,10 +725,22 @@ def connect_db(conninfo: dict, *, describe: str = "the database"):
 
 
 def apply_schema(conn, schema_sql: str) -> None:
-    """Apply sql/schema.sql in one transaction, serialised between loaders by an advisory lock."""
+    """Apply sql/schema.sql in one transaction, serialised between loaders by an advisory lock.
+
+    The schema's hash is left as a comment on ingest_runs; when it is already there (and
+    raw_data exists) the whole step is one catalog query, so a re-run pays nothing for it.
+    """
+    marker = f"fitbit-ingest schema {hashlib.sha256(schema_sql.encode()).hexdigest()[:16]}"
+    check = ("SELECT to_regclass('raw_data') IS NOT NULL "
+             "AND obj_description(to_regclass('ingest_runs'), 'pg_class') = %s")
     with conn.cursor() as cur:
+        cur.execute(check, (marker,))
+        if cur.fetchone()[0]:
+            conn.commit()
+            return
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
         cur.execute(schema_sql)
+        cur.execute("COMMENT ON TABLE ingest_runs IS %s", (marker,))
     conn.commit()
 
 
@@ -779,7 +790,11 @@ class _CopySource:
         if self._watch is not None and select.select([self._watch], [], [], 0)[0]:
             self.error = _ServerSpoke()
             raise self.error
-        item = self._queue.get()
+        try:
+            item = self._queue.get()
+        except BaseException as exc:  # a second SIGINT/SIGTERM while waiting: abort the COPY with it
+            self.error = exc
+            raise
         if isinstance(item, BaseException):
             self.error = item  # psycopg2 replaces it by its own error: kept to re-raise
             raise item
@@ -1113,19 +1128,28 @@ def _is_transient(exc: BaseException) -> bool:
 class _Loader:
     """Loads files one at a time over its own connection; one per process."""
 
-    def __init__(self, cfg: Config, run_id: int | None, progress: _Progress | None = None) -> None:
+    def __init__(self, cfg: Config, run_id: int | None, progress: _Progress | None = None,
+                 known: dict | None = None) -> None:
         self.cfg, self.run_id, self.progress = cfg, run_id, progress
+        self.known = known or {}  # manifest at the start of the run: path -> (size, mtime_ns, status, error)
         self.rejects = _RejectLog(cfg.reject_file, run_id)
         self.make_line = _LineMaker(cfg.source_tz)
         self.conn = None
 
     def close(self) -> None:
         self.rejects.close()
-        if self.conn is not None and not self.conn.closed:
-            try:
+        if self.conn is None or self.conn.closed:
+            return
+        psycopg2 = _psycopg2()
+        try:
+            if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                 self._flush_commits()
-            finally:
-                self.conn.close()
+            else:  # stopped inside a file: it rolls back whole
+                self.conn.rollback()
+        except psycopg2.Error as exc:
+            log.warning("could not flush the last commits to disk: %s", _first_line(exc))
+        finally:
+            self.conn.close()
 
     def _connection(self):
         if self.conn is None or self.conn.closed:
@@ -1181,11 +1205,15 @@ class _Loader:
         self.conn = None
 
     def _load_once(self, df: DataFile) -> FileResult:
-        conn = self._connection()
         try:
             st = df.path.stat()
         except OSError as exc:
             return self._fail(None, df, None, f"cannot read file: {exc.strerror or exc}")
+        seen = self.known.get(df.rel)
+        if seen and not self.cfg.force and seen[:2] == (st.st_size, st.st_mtime_ns):
+            # In the manifest as it was when the run started, and untouched since: no claim needed.
+            return FileResult(df.rel, "skipped", error=f"it failed before: {seen[3]}" if seen[2] == "failed" else None)
+        conn = self._connection()
         with conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (FILE_LOCK_NS, df.rel))
             if not cur.fetchone()[0]:
@@ -1460,8 +1488,8 @@ def _size_or_zero(path: Path) -> int:
 
 
 def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: Summary,
-                     progress: _Progress | None) -> None:
-    loader = _Loader(cfg, run_id, progress)
+                     progress: _Progress | None, known: dict) -> None:
+    loader = _Loader(cfg, run_id, progress, known)
     try:
         for df in files:
             if _Stop.signum is not None:
@@ -1501,12 +1529,12 @@ def _check_files(cfg: Config, files: list[DataFile], summary: Summary, progress:
 _WORKER: _Loader | None = None
 
 
-def _worker_init(cfg: Config, run_id: int) -> None:
+def _worker_init(cfg: Config, run_id: int, known: dict) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _setup_logging(cfg.log_level, cfg.log_format, None)
-    _WORKER = _Loader(cfg, run_id)
+    _WORKER = _Loader(cfg, run_id, None, known)
 
 
 def _worker_load(df: DataFile) -> FileResult:
@@ -1514,14 +1542,15 @@ def _worker_load(df: DataFile) -> FileResult:
 
 
 def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Summary,
-                   progress: _Progress | None) -> None:
+                   progress: _Progress | None, known: dict) -> None:
     """Hand files to worker processes; each claims its file through the same database lock."""
+    import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     todo = iter(files)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_worker_init,
-                             initargs=(cfg, run_id)) as pool:
+                             initargs=(cfg, run_id, known)) as pool:
         pending = {}
 
         def submit_next() -> None:
@@ -1558,9 +1587,12 @@ def _run(cfg: Config, summary: Summary) -> None:
         except _psycopg2().Error as exc:
             raise DatabaseError(f"cannot start the run: {_first_line(exc)}") from None
         try:
+            known = _manifest(conn)
+
             def load(files: list[DataFile], progress: _Progress | None) -> None:
                 parallel = cfg.workers > 1 and len(files) > 1
-                (_load_parallel if parallel else _load_sequential)(cfg, summary.run_id, files, summary, progress)
+                (_load_parallel if parallel else _load_sequential)(cfg, summary.run_id, files, summary, progress,
+                                                                   known)
 
             _with_progress(cfg, summary, load)
         finally:
@@ -1568,6 +1600,14 @@ def _run(cfg: Config, summary: Summary) -> None:
     finally:
         if not conn.closed:
             conn.close()
+
+
+def _manifest(conn) -> dict:
+    with conn.cursor() as cur:
+        cur.execute("SELECT path, size, mtime_ns, status, error FROM ingest_files")
+        known = {path: rest for path, *rest in cur.fetchall()}
+    conn.commit()
+    return {path: tuple(rest) for path, rest in known.items()}
 
 
 def _with_progress(cfg: Config, summary: Summary, work: Callable) -> None:
@@ -1578,8 +1618,8 @@ def _with_progress(cfg: Config, summary: Summary, work: Callable) -> None:
     try:
         work(files, progress)
         summary.status = "rejects" if summary.files_failed or summary.records_rejected else "ok"
-    except Interrupted as exc:
-        summary.status, summary.error = "interrupted", str(exc)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        summary.status, summary.error = "interrupted", str(exc) or "stopped by a second signal"
         raise
     except BaseException as exc:
         summary.status, summary.error = "failed", str(exc) or type(exc).__name__

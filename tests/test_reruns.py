@@ -263,3 +263,21 @@ def test_workers_load_files_in_parallel_each_once(run, db):
     assert [f["file"] for f in s["files"]] == sorted(f["file"] for f in s["files"])
     assert run("--workers", "3") == 0
     assert run.summary()["files_skipped"] == 36
+
+
+def test_second_signal_aborts_at_once_and_the_file_in_flight_rolls_back(run, db):
+    sample(run, "--users", "12", "--seconds", "86400", "--metrics", "heart_rate")  # one ~1M-record file
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ingest.py"), "--data-dir", str(run.data),
+                             "--reject-file", str(run.rejects), "--summary-json", str(run.summary_path)],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert proc.poll() is None, "the load finished before it could be stopped: make the sample bigger"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert db.count() == 0 and db.query("SELECT count(*) FROM ingest_files") == [(0,)]
+    assert db.query("SELECT status FROM ingest_runs") == [("interrupted",)]
+    assert run.summary()["status"] == "interrupted"
