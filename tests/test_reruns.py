@@ -130,8 +130,8 @@ def test_default_mode_never_updates(run, db):
 
 
 # --- interruptions ---------------------------------------------------------------------------
-def _big_sample(run) -> None:
-    sample(run, "--users", "16", "--seconds", "40000", "--layout", "per-user")  # 96 files, ~675k records
+def _big_sample(run, users: int = 16) -> None:
+    sample(run, "--users", str(users), "--seconds", "40000", "--layout", "per-user")  # 6 files, ~42k records a user
 
 
 def test_kill_9_at_several_points_then_rerun_equals_a_clean_load(run, db, other_db):
@@ -141,16 +141,23 @@ def test_kill_9_at_several_points_then_rerun_equals_a_clean_load(run, db, other_
                            env={**os.environ, **other_db.env()}, capture_output=True, text=True, check=False)
     assert clean.returncode == 0, clean.stderr
     kills = 0
-    for delay in (0.5, 0.6, 0.7, 0.8):
+    # Kill by progress, not by the clock: after the k-th file of each run, and a moment into the
+    # next one (mid-COPY, mid-commit or between files, wherever that lands).
+    for k, pause in ((1, 0.0), (3, 0.02), (6, 0.05), (10, 0.1)):
         proc = subprocess.Popen([sys.executable, str(ROOT / "ingest.py"), "--data-dir", str(run.data),
-                                 "--reject-file", str(run.rejects), "--batch-size", "2000"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+                                 "--reject-file", str(run.rejects)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        loaded = 0
+        for line in proc.stderr:
+            loaded += " loaded " in line
+            if loaded == k:
+                time.sleep(pause)
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
         proc.wait()
-    assert kills >= 3, "the load finished before it could be killed: make the sample bigger"
+        proc.stderr.close()
+    assert kills == 4
     assert db.fingerprint() != other_db.fingerprint()  # the kills did leave work undone...
     assert run() == 0  # ...which the next run finishes
     assert db.fingerprint() == other_db.fingerprint()
@@ -187,7 +194,7 @@ def _dev_db_restart() -> None:
                                    capture_output=True, check=False).returncode != 0,
                     reason="the database is not the one scripts/dev-db.sh manages, so it cannot be restarted")
 def test_database_restart_mid_load_is_survived(run, db, other_db):
-    _big_sample(run)
+    _big_sample(run, users=48)  # long enough (~3M records) to be loading while the server restarts
     clean = subprocess.run([sys.executable, str(ROOT / "ingest.py"), "--data-dir", str(run.data),
                             "--reject-file", str(run.tmp / "clean.jsonl")],
                            env={**os.environ, **other_db.env()}, capture_output=True, text=True, check=False)
@@ -266,7 +273,7 @@ def test_workers_load_files_in_parallel_each_once(run, db):
 
 
 def test_second_signal_aborts_at_once_and_the_file_in_flight_rolls_back(run, db):
-    sample(run, "--users", "12", "--seconds", "86400", "--metrics", "heart_rate")  # one ~1M-record file
+    sample(run, "--users", "30", "--seconds", "86400", "--metrics", "heart_rate")  # one ~2.6M-record file
     proc = subprocess.Popen([sys.executable, str(ROOT / "ingest.py"), "--data-dir", str(run.data),
                              "--reject-file", str(run.rejects), "--summary-json", str(run.summary_path)],
                             stderr=subprocess.PIPE, text=True)
