@@ -125,33 +125,31 @@ class Db:
         return rows, manifest
 
 
+def _fresh_database(template: str):
+    name = _new_database(template)
+    handle = Db(name)
+    try:
+        yield handle
+    finally:
+        handle.conn.close()
+        _drop_database(name)
+
+
 @pytest.fixture
 def db(template_db):
-    name = _new_database(template_db)
-    handle = Db(name)
-    yield handle
-    handle.conn.close()
-    _drop_database(name)
+    yield from _fresh_database(template_db)
 
 
 @pytest.fixture
 def other_db(template_db):
     """A second fresh database, e.g. for a clean reference load."""
-    name = _new_database(template_db)
-    handle = Db(name)
-    yield handle
-    handle.conn.close()
-    _drop_database(name)
+    yield from _fresh_database(template_db)
 
 
 @pytest.fixture
 def empty_db(template_db):
     """A fresh database without the schema (the loader must bootstrap it)."""
-    name = _new_database("template1")
-    handle = Db(name)
-    yield handle
-    handle.conn.close()
-    _drop_database(name)
+    yield from _fresh_database("template1")
 
 
 class Runner:
