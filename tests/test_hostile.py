@@ -357,11 +357,15 @@ def test_unreadable_file_fails_with_a_reason(run, db):
     locked = run.write("locked.json", [LOST])
     locked.chmod(0)
     run.write("zz_good.json", [GOOD])
+    _assert_only_the_locked_file_failed(run, db, "Permission denied")
+
+
+def _assert_only_the_locked_file_failed(run, db, reason: str) -> None:
     assert run() == 1
     assert db.rows() == [GOOD_ROW]
     (line,) = run.reject_lines()
     assert (line["file"], line["position"]) == ("locked.json", None)
-    assert "Permission denied" in line["reason"]
+    assert reason in line["reason"]
     assert counts(run) == expect(seen=2, failed=1, read=1, inserted=1)
 
 
@@ -380,12 +384,7 @@ def test_file_the_loader_may_not_open_fails_with_a_reason(run, db, monkeypatch):
     monkeypatch.setattr(builtins, "open", guarded(builtins.open))
     monkeypatch.setattr(io, "open", guarded(io.open))
     monkeypatch.setattr(os, "open", guarded(os.open))
-    assert run() == 1
-    assert db.rows() == [GOOD_ROW]
-    (line,) = run.reject_lines()
-    assert (line["file"], line["position"]) == ("locked.json", None)
-    assert "file failed: cannot read file: Permission denied" in line["reason"]
-    assert counts(run) == expect(seen=2, failed=1, read=1, inserted=1)
+    _assert_only_the_locked_file_failed(run, db, "file failed: cannot read file: Permission denied")
 
 
 def test_dangling_symlink_is_skipped_with_a_warning(run, db, capsys):
