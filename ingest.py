@@ -787,18 +787,16 @@ class _CopySource:
         return "".join(batch)
 
     def read(self, size: int = -1) -> str:
-        if self._watch is not None and select.select([self._watch], [], [], 0)[0]:
-            self.error = _ServerSpoke()
-            raise self.error
         try:
+            if self._watch is not None and select.select([self._watch], [], [], 0)[0]:
+                raise _ServerSpoke
             item = self._queue.get()
-        except BaseException as exc:  # a second SIGINT/SIGTERM while waiting: abort the COPY with it
-            self.error = exc
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        except BaseException as exc:  # also a second SIGINT/SIGTERM: abort the COPY with it
+            self.error = exc  # psycopg2 replaces it by its own error: kept to re-raise
             raise
-        if isinstance(item, BaseException):
-            self.error = item  # psycopg2 replaces it by its own error: kept to re-raise
-            raise item
-        return item
 
     def _close(self) -> None:
         self._stop.set()
@@ -1185,6 +1183,8 @@ class _Loader:
                 raise
             except Exception as exc:
                 self.rejects.discard()
+                if _Stop.aborted:  # psycopg2 reports an interrupted COPY as its own error
+                    raise KeyboardInterrupt from None
                 if not _is_transient(exc) or attempt == RETRY_ATTEMPTS:
                     self._drop_connection()
                     suffix = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
@@ -1339,16 +1339,18 @@ class _Stop:
     """Set by SIGINT/SIGTERM: the run stops between files. A second signal aborts at once."""
 
     signum: int | None = None
+    aborted = False  # the second signal came: whatever error it surfaces as, it means "stop now"
 
     @classmethod
     def install(cls) -> None:
-        cls.signum = None
+        cls.signum, cls.aborted = None, False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, cls._handle)
 
     @classmethod
     def _handle(cls, signum, frame) -> None:
         if cls.signum is not None:
+            cls.aborted = True
             raise KeyboardInterrupt
         cls.signum = signum
         log.warning("received %s: stopping after the current file", signal.Signals(signum).name)
