@@ -307,10 +307,16 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 _FAST_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|\+00:00)?", re.ASCII)
 
 
-def _copy_line(row: Row, escaped_user: str | None = None) -> str:
-    """One row in COPY text format (user_id escaped; the other fields cannot hold specials)."""
+def _copy_parts(row: Row, escaped_user: str | None = None) -> tuple[str, str]:
+    """One row in COPY text format, as (key part, "\t<value>\n"): user_id escaped; the other
+    fields cannot hold specials."""
     user = escaped_user if escaped_user is not None else row.user_id.translate(_COPY_ESCAPES)
-    return f"{user}\t{row.metric}\t{row.timestamp.isoformat()}\t{row.value!r}\n"
+    return f"{user}\t{row.metric}\t{row.timestamp.isoformat()}", f"\t{row.value!r}\n"
+
+
+def _copy_line(row: Row) -> str:
+    key, tail = _copy_parts(row)
+    return key + tail
 
 
 class _LineMaker:
@@ -353,7 +359,7 @@ class _LineMaker:
             if len(self.users) >= 100_000:
                 self.users.clear()
             escaped = self.users[row.user_id] = row.user_id.translate(_COPY_ESCAPES)
-        return f"{escaped}\t{row.metric}\t{row.timestamp.isoformat()}", f"\t{row.value!r}\n"
+        return _copy_parts(row, escaped)
 
     def _stamp(self, ts: str) -> str:
         match = _FAST_TIMESTAMP.fullmatch(ts)
@@ -1606,9 +1612,9 @@ def _run(cfg: Config, summary: Summary) -> None:
 def _manifest(conn) -> dict:
     with conn.cursor() as cur:
         cur.execute("SELECT path, size, mtime_ns, status, error FROM ingest_files")
-        known = {path: rest for path, *rest in cur.fetchall()}
+        known = {path: tuple(rest) for path, *rest in cur.fetchall()}
     conn.commit()
-    return {path: tuple(rest) for path, rest in known.items()}
+    return known
 
 
 def _with_progress(cfg: Config, summary: Summary, work: Callable) -> None:
