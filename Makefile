@@ -7,8 +7,11 @@ PY        := $(VENV)/bin/python
 DEVDB     := bash scripts/dev-db.sh
 DATA_DIR  ?= ./Task-0/extracted_data
 PYTEST_ARGS ?=
+# What pytest runs: files, directories, node ids, options such as -k, e.g.
+#   make test TESTS=tests/test_e2e.py      make test TESTS='tests/test_e2e.py -k foo'
+TESTS     ?= tests
 
-.PHONY: setup venv db-up db-down db-status run sample test lint bench clean
+.PHONY: setup venv db-up db-down db-status pgbouncer-up pgbouncer-down run sample test lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +35,14 @@ db-down:
 db-status:
 	$(DEVDB) status
 
+# Two PgBouncers (session and transaction pooling) in front of the local database, for
+# tests/test_pgbouncer.py; ports POSTGRES_PORT+1 and +2 (`scripts/dev-db.sh pgbouncer env`).
+pgbouncer-up: db-up
+	$(DEVDB) pgbouncer up
+
+pgbouncer-down:
+	$(DEVDB) pgbouncer down
+
 # Writes a small deterministic Task-0-like sample when DATA_DIR holds no JSON yet.
 sample: venv
 	@if find "$(DATA_DIR)" -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.ndjson' \
@@ -44,8 +55,8 @@ sample: venv
 run: setup sample
 	eval "$$($(DEVDB) env)" && $(PY) ingest.py --data-dir "$(DATA_DIR)"
 
-test: setup
-	eval "$$($(DEVDB) env)" && $(PY) -m pytest $(PYTEST_ARGS) tests
+test: setup pgbouncer-up
+	eval "$$($(DEVDB) env)" && eval "$$($(DEVDB) pgbouncer env)" && $(PY) -m pytest $(PYTEST_ARGS) $(TESTS)
 
 lint: venv
 	VENV=$(VENV) bash scripts/lint.sh

@@ -9,6 +9,15 @@
 #   scripts/dev-db.sh env      print `export POSTGRES_...=...` lines, for
 #                              eval "$(scripts/dev-db.sh env)"
 #   scripts/dev-db.sh psql [args...]   psql to POSTGRES_DB as POSTGRES_USER
+#   scripts/dev-db.sh pgbouncer up|down|env
+#                              two PgBouncers in front of the cluster, for tests
+#                              of the loader behind a pooler: 127.0.0.1 at
+#                              POSTGRES_PORT+1 (pool_mode=session) and
+#                              POSTGRES_PORT+2 (pool_mode=transaction); `env`
+#                              prints `export PGBOUNCER_..._PORT=...` lines.
+#                              `down` of the cluster stops them too, and its
+#                              next `up` starts them again (`pgbouncer down`
+#                              keeps them down).
 #
 # Settings (POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD) come
 # from the environment, else from .env, else from .env.example.
@@ -28,6 +37,7 @@ die() { log "error: $*"; exit 1; }
 usage() {
   cat >&2 <<'EOF'
 usage: scripts/dev-db.sh up|down|status|env|psql [psql args...]
+       scripts/dev-db.sh pgbouncer up|down|env
 EOF
   exit 2
 }
@@ -237,7 +247,12 @@ EOF
 # and .dev/pgdata is a symlink to it, so later commands find it.
 resolve_location() {
   local base hash
-  if [[ -L $DEV/pgdata ]]; then
+  if ((EUID == 0)) && ! id -u "$DB_OS_USER" >/dev/null 2>&1; then
+    # A fresh machine: the package that creates the cluster's OS user is not
+    # installed yet, so there is nothing to probe (and no cluster). `up`
+    # resolves the location again once it has installed PostgreSQL.
+    base=$DEV
+  elif [[ -L $DEV/pgdata ]]; then
     DATA=$(readlink -f "$DEV/pgdata")
     base=$(dirname "$DATA")
   elif [[ -d $DEV/pgdata ]] || location_usable "$DEV"; then
@@ -326,7 +341,8 @@ timescaledb.telemetry_level = off
 # uses no TimescaleDB jobs (compression, retention); a real deployment keeps its own setting.
 timescaledb.max_background_workers = 0
 max_worker_processes = 16           # >= 1 + TimescaleDB workers + parallel workers
-max_connections = 200
+max_connections = 100              # PostgreSQL's default: tests see what a stock server does
+# max_locks_per_transaction keeps its default (64) for the same reason: never set it here.
 # Dev/bench sizing; fsync and synchronous_commit keep their durable defaults.
 shared_buffers = 512MB
 work_mem = 32MB
@@ -407,6 +423,217 @@ self_test() {
   log "self-test ok: $POSTGRES_USER can create a database with a TimescaleDB hypertable"
 }
 
+# --- PgBouncer -----------------------------------------------------------------
+
+# Two poolers in front of the cluster, so tests can run the loader the way many
+# deployments reach PostgreSQL. Debian's pgbouncer package (1.18 on Debian 12,
+# 1.24 on Debian 13), run as the cluster's OS user; each instance keeps its
+# pgbouncer.ini, userlist.txt, pid file and log in <.dev>/pgbouncer-<mode>/.
+PGBOUNCER=/usr/sbin/pgbouncer
+PGB_MODES=(session transaction)
+
+pgb_port() {
+  case $1 in
+    session) echo $((POSTGRES_PORT + 1)) ;;
+    transaction) echo $((POSTGRES_PORT + 2)) ;;
+  esac
+}
+
+# Next to the cluster: .dev, or the /var/tmp base (with a .dev symlink) when the
+# cluster's OS user cannot reach .dev (see resolve_location).
+pgb_dir() {
+  local base
+  base=$(dirname "$DATA")
+  printf '%s/pgbouncer-%s' "$base" "$1"
+}
+
+pgb_pid() {
+  local pidfile pid
+  pidfile="$(pgb_dir "$1")/pgbouncer.pid"
+  [[ -f $pidfile ]] || return 1
+  pid=$(<"$pidfile")
+  [[ $pid =~ ^[0-9]+$ && $(cat "/proc/$pid/comm" 2>/dev/null) == pgbouncer ]] || return 1
+  printf '%s' "$pid"
+}
+
+ensure_pgbouncer() {
+  [[ -x $PGBOUNCER ]] && return 0
+  apt_install pgbouncer
+  [[ -x $PGBOUNCER ]] || die "$PGBOUNCER is still missing after installing pgbouncer"
+  # The package starts a system-wide pgbouncer (localhost:6432) where services may
+  # start; this script wants no such extra service (as with PostgreSQL's "main").
+  if [[ -d /run/systemd/system ]]; then
+    as_root systemctl disable --now --quiet pgbouncer.service >/dev/null 2>&1 || true
+  elif [[ -x /etc/init.d/pgbouncer ]]; then
+    as_root /etc/init.d/pgbouncer stop >/dev/null 2>&1 || true
+    as_root update-rc.d pgbouncer disable >/dev/null 2>&1 || true
+  fi
+}
+
+# Write one instance's files. Clients authenticate with SCRAM-SHA-256 as they do
+# against the server itself (pg_hba: scram-sha-256). The auth file holds the
+# role's password in plain text: both PgBouncer versions then do SCRAM with the
+# client and, separately, with the server, whatever the server's
+# password_encryption. A SCRAM secret copied from pg_authid would only work by
+# pass-through, and `up` re-salts the secret on every run (ALTER ROLE ...
+# PASSWORD), which would leave such a copy stale. The file is mode 600, owned by
+# the cluster's OS user, under .dev (git-ignored); the password is .env's anyway.
+# ignore_startup_parameters keeps its default on purpose: the loader must work
+# with a stock PgBouncer.
+pgb_write_config() {
+  local mode=$1 dir port pw
+  dir=$(pgb_dir "$mode")
+  port=$(pgb_port "$mode")
+  mkdir -p "$dir"
+  chmod 700 "$dir"
+  ((EUID != 0)) || chown "$DB_OS_USER:" "$dir"
+  if [[ $dir != "$DEV/pgbouncer-$mode" ]]; then ln -sfn "$dir" "$DEV/pgbouncer-$mode"; fi
+  pw=${POSTGRES_PASSWORD//\"/\"\"}
+  (umask 077 && printf '"%s" "%s"\n' "${POSTGRES_USER//\"/\"\"}" "$pw" | as_db tee "$dir/userlist.txt.new" >/dev/null)
+  as_db tee "$dir/pgbouncer.ini.new" >/dev/null <<INI
+; Written by scripts/dev-db.sh pgbouncer up; edits here are overwritten.
+[databases]
+* = host=127.0.0.1 port=$POSTGRES_PORT
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+pool_mode = $mode
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+; Small, so that in transaction mode clients really share server connections.
+default_pool_size = 2
+max_client_conn = 200
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+  # Replace only what changed, and say whether anything did (PGB_CHANGED=1).
+  local f
+  PGB_CHANGED=0
+  for f in userlist.txt pgbouncer.ini; do
+    if cmp -s "$dir/$f.new" "$dir/$f"; then
+      rm -f "$dir/$f.new"
+    else
+      as_db mv -f "$dir/$f.new" "$dir/$f"
+      PGB_CHANGED=1
+    fi
+  done
+}
+
+# Stop one instance; immediate shutdown (SIGTERM before 1.23, SIGQUIT since:
+# 1.23 made SIGTERM wait for every client to disconnect).
+pgb_stop() {
+  local mode=$1 pid sig=TERM version i
+  pid=$(pgb_pid "$mode") || return 0
+  version=$("$PGBOUNCER" --version 2>/dev/null | sed -n '1s/^[^0-9]*\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+  if [[ -n $version ]] && { ((${version% *} > 1)) || ((${version#* } >= 23)); }; then sig=QUIT; fi
+  kill "-$sig" "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    [[ -d /proc/$pid ]] || break
+    sleep 0.1
+  done
+  if [[ -d /proc/$pid ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -f "$(pgb_dir "$mode")/pgbouncer.pid"
+  log "pgbouncer ($mode) stopped"
+}
+
+pgb_start() {
+  local mode=$1 dir port pid old_port i
+  dir=$(pgb_dir "$mode")
+  port=$(pgb_port "$mode")
+  old_port=$(sed -n 's/^listen_port = //p' "$dir/pgbouncer.ini" 2>/dev/null || true)
+  if pid=$(pgb_pid "$mode") && [[ $old_port != "$port" ]]; then
+    pgb_stop "$mode"   # a changed port needs a restart, not a reload
+  fi
+  pgb_write_config "$mode"
+  if pid=$(pgb_pid "$mode"); then
+    if ((PGB_CHANGED)); then
+      kill -HUP "$pid"   # reload: a changed password or server port applies
+      log "pgbouncer ($mode) already running on 127.0.0.1:$port; configuration reloaded"
+    fi
+    return 0
+  fi
+  port_in_use "$port" &&
+    die "port $port on 127.0.0.1 (pgbouncer, $mode) is already in use by something else (hint: set POSTGRES_PORT; the poolers use POSTGRES_PORT+1 and +2)"
+  rm -f "$dir/pgbouncer.pid"
+  # 9>&-: the daemon must not inherit (and so hold forever) our lock file.
+  if ! as_db "$PGBOUNCER" -d -q "$dir/pgbouncer.ini" >/dev/null 2>"$dir/start.err" 9>&-; then
+    cat "$dir/start.err" >&2
+    tail -n 20 "$dir/pgbouncer.log" >&2 2>/dev/null || true
+    die "pgbouncer ($mode) did not start; see $dir/pgbouncer.log"
+  fi
+  rm -f "$dir/start.err"
+  for ((i = 0; i < 100; i++)); do
+    port_in_use "$port" && break
+    sleep 0.1
+  done
+  port_in_use "$port" || { tail -n 20 "$dir/pgbouncer.log" >&2 2>/dev/null; die "pgbouncer ($mode) is not listening on 127.0.0.1:$port; see $dir/pgbouncer.log"; }
+  log "pgbouncer ($mode) started on 127.0.0.1:$port (log: $dir/pgbouncer.log)"
+}
+
+# Prove a client gets through: the app's role, its password, a plain libpq client.
+pgb_self_test() {
+  local mode=$1 port out
+  port=$(pgb_port "$mode")
+  if ! out=$(PGPASSWORD=$POSTGRES_PASSWORD PGCONNECT_TIMEOUT=10 "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 \
+    -h 127.0.0.1 -p "$port" -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c 'SELECT 1' 2>&1) || [[ $out != 1 ]]; then
+    die "pgbouncer ($mode) on 127.0.0.1:$port: a test connection failed: $out (log: $(pgb_dir "$mode")/pgbouncer.log)"
+  fi
+}
+
+pgb_up() {
+  local mode
+  ((POSTGRES_PORT + 2 <= 65535)) || die "POSTGRES_PORT+2 must be a TCP port number (the poolers use POSTGRES_PORT+1 and +2)"
+  is_running || die "the database is not running; run 'scripts/dev-db.sh up' first"
+  [[ $(running_port) == "$POSTGRES_PORT" ]] ||
+    die "the database runs on port $(running_port) but POSTGRES_PORT is $POSTGRES_PORT"
+  ensure_pgbouncer
+  for mode in "${PGB_MODES[@]}"; do pgb_start "$mode"; done
+  for mode in "${PGB_MODES[@]}"; do pgb_self_test "$mode"; done
+  log "pgbouncer ready: session 127.0.0.1:$(pgb_port session), transaction 127.0.0.1:$(pgb_port transaction) (eval \"\$(scripts/dev-db.sh pgbouncer env)\")"
+}
+
+# Stop the poolers. With `forget`, also remove their configuration, so the
+# cluster's next `up` does not start them again.
+pgb_down() {
+  local mode dir
+  for mode in "${PGB_MODES[@]}"; do
+    dir=$(pgb_dir "$mode")
+    pgb_stop "$mode"
+    if [[ ${1:-} == forget ]]; then rm -f "$dir/pgbouncer.ini" "$dir/userlist.txt"; fi
+  done
+}
+
+# Poolers that were up before the cluster's `down` (their pgbouncer.ini is
+# still there) come back with its `up`.
+pgb_restore() {
+  local mode
+  for mode in "${PGB_MODES[@]}"; do
+    if [[ -f $(pgb_dir "$mode")/pgbouncer.ini ]]; then
+      pgb_up
+      return
+    fi
+  done
+}
+
+cmd_pgbouncer() {
+  (($# == 1)) || usage
+  case $1 in
+    env)
+      printf 'export PGBOUNCER_SESSION_PORT=%q\n' "$(pgb_port session)"
+      printf 'export PGBOUNCER_TRANSACTION_PORT=%q\n' "$(pgb_port transaction)"
+      ;;
+    up | down)
+      mkdir -p "$DEV"
+      exec 9>"$DEV/dev-db.lock"
+      flock -w 900 9 || die "another dev-db.sh is busy in $REPO"
+      if [[ $1 == up ]]; then pgb_up; else pgb_down forget; fi
+      ;;
+    *) usage ;;
+  esac
+}
+
 # --- commands ------------------------------------------------------------------
 
 cmd_up() {
@@ -422,6 +649,7 @@ cmd_up() {
       die "already running on port $port but POSTGRES_PORT is $POSTGRES_PORT; run 'scripts/dev-db.sh down' first"
     log "already running on 127.0.0.1:$POSTGRES_PORT ($DATA)"
     ensure_role_and_db
+    pgb_restore
     return 0
   fi
   if port_in_use "$POSTGRES_PORT"; then
@@ -441,10 +669,12 @@ cmd_up() {
   start_cluster
   ensure_role_and_db
   self_test
+  pgb_restore
   log "ready: postgresql://$POSTGRES_USER@127.0.0.1:$POSTGRES_PORT/$POSTGRES_DB (eval \"\$(scripts/dev-db.sh env)\")"
 }
 
 cmd_down() {
+  pgb_down   # keeps their configuration: the next `up` starts them again
   if ! is_running; then
     log "not running"
     return 0
@@ -487,6 +717,11 @@ main() {
   case $cmd in
     env) cmd_env; return ;;
     psql) detect_pg_major; cmd_psql "$@" ;;
+    pgbouncer)
+      detect_pg_major
+      resolve_location
+      cmd_pgbouncer "$@"
+      ;;
     up | down | status)
       (($# == 0)) || usage
       detect_pg_major
