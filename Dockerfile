@@ -1,7 +1,9 @@
 # Image for the batch loader: `python ingest.py` against TimescaleDB.
 # Build context is restricted by .dockerignore to ingest.py, requirements.txt
 # and sql/ -- no .env, no data, no tests ever reach the image.
-FROM python:3.12.15-slim-bookworm
+# Base image: the Python 3.12 minor tag on Debian 12 (bookworm), slim variant. How to move or
+# tighten this pin, and where the tag is documented: docs/operations.md ("Docker image pins").
+FROM python:3.12-slim-bookworm
 
 # DATA_DIR: the (read-only) mount holding the Fitbit JSON files.
 # REJECT_FILE: must be somewhere the non-root user can write; docker-compose.yml
