@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Benchmark ingest.py against psql \\copy (the limit) and a hand-written loader (the baseline).
+"""Benchmark ingest.py against psql \\copy (the limit), a hand-written loader (the baseline) and DuckDB.
 
     eval "$(bash scripts/dev-db.sh env)" && .venv/bin/python scripts/bench.py [--quick] [--only a,b] [--keep]
+        [--variants limit,baseline,duckdb,ingest]
 
 Generates deterministic data with scripts/make_sample.py under a scratch directory (default
 ./bench-data/, reused when already generated with the same parameters), runs every variant against
@@ -15,6 +16,13 @@ Variants:
             repeated keys the file holds only the distinct keys (first occurrence).
   baseline  scripts/bench_baseline.py: json.load + execute_values(page_size=100) + ON CONFLICT DO
             NOTHING, one commit per file.
+  duckdb    scripts/bench_duckdb.py: DuckDB read_json over the data directory (explicit columns), first
+            occurrence of each key kept (row_number() over file name, position), INSERT OR IGNORE into
+            the PostgreSQL table ATTACHed with DuckDB's postgres extension. Validates nothing; uses all
+            cores. A benchmark-only dependency: installed here, pinned (DUCKDB_PINS), into a virtualenv
+            of its own under <scratch>/venv-duckdb (once; not timed); the extension comes from a PyPI
+            wheel and is loaded from its file, never downloaded. When that install fails the variant
+            is recorded as skipped.
   ingest    ingest.py: 1st load; 2nd run over unchanged files; 3rd run with every record already
             present (--force when ingest.py has it, else a plain re-run). Optionally --workers 2.
 
@@ -49,6 +57,12 @@ import make_sample
 
 INGEST = ROOT / "ingest.py"
 BASELINE = ROOT / "scripts" / "bench_baseline.py"
+DUCKDB_LOADER = ROOT / "scripts" / "bench_duckdb.py"
+# DuckDB and its postgres extension, as PyPI wheels (duckdb-ext-postgres ships
+# duckdb_ext/extensions/v<version>/<platform>/postgres_scanner.duckdb_extension, which bench_duckdb.py
+# loads through SET extension_directory). The two versions must match.
+DUCKDB_PINS = ("duckdb==1.4.4", "duckdb-ext-postgres==1.4.4.20260205")
+VARIANTS = ("limit", "baseline", "duckdb", "ingest")
 SCHEMA = ROOT / "sql" / "schema.sql"
 GEN_VERSION = 1  # bump when the generation code below changes the bytes it writes
 START = dt.datetime(2024, 1, 1)
@@ -326,12 +340,39 @@ def ingest_flags() -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
 
 
+def ensure_duckdb(scratch: Path) -> tuple[str | None, str]:
+    """A Python with DUCKDB_PINS installed (a virtualenv under scratch, made once): (python, "duckdb X")
+    or (None, why not)."""
+    venv = scratch / "venv-duckdb"
+    python = venv / "bin" / "python"
+    marker = venv / "bench-pins.txt"
+    wanted = "\n".join(DUCKDB_PINS) + "\n"
+    if not (python.exists() and marker.exists() and marker.read_text() == wanted):
+        shutil.rmtree(venv, ignore_errors=True)
+        print(f"bench: installing {' '.join(DUCKDB_PINS)} into {venv} (benchmark-only)", flush=True)
+        steps = ([sys.executable, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *DUCKDB_PINS])
+        for cmd in steps:
+            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if p.returncode != 0:
+                last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+                return None, f"cannot install {' '.join(DUCKDB_PINS)}: {last}"
+        marker.write_text(wanted)
+    p = subprocess.run([str(python), "-c", "import duckdb; print(duckdb.__version__)"], capture_output=True,
+                       text=True, check=False)
+    if p.returncode != 0:
+        return None, f"duckdb does not import from {venv}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+    return str(python), f"duckdb {p.stdout.strip()}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, args, scratch: Path, dbs: Databases, psql: str, flags: set[str]) -> None:
+    def __init__(self, args, scratch: Path, dbs: Databases, psql: str, flags: set[str],
+                 duckdb_python: str | None = None, duckdb_status: str = "") -> None:
         self.args, self.scratch, self.dbs, self.psql, self.flags = args, scratch, dbs, psql, flags
+        self.duckdb_python, self.duckdb_status = duckdb_python, duckdb_status
         self.logs = scratch / "logs"
         self.work = scratch / "work"
         self.work.mkdir(parents=True, exist_ok=True)
@@ -387,7 +428,32 @@ class Bench:
             rows = self.dbs.count(db)
             self.add(ds, "baseline", status="ok" if p.code == 0 else f"exit {p.code}", rows=rows,
                      records_read=out.get("records_read"), rows_inserted=rows, seconds=p.seconds, rss_mb=p.rss_mb,
-                     note="")
+                     note="" if p.code == 0 else f"exit {p.code}, see {p.stderr_path}")
+        finally:
+            self.dbs.drop(db)
+
+    def duckdb(self, ds: DataSet, root: Path, meta: dict) -> None:
+        if not self.duckdb_python:
+            self.add(ds, "duckdb", status="skipped", note=f"skipped: {self.duckdb_status}")
+            return
+        db = self.dbs.create(f"{ds.name}_duckdb")
+        try:
+            # The 2nd run finds every key present: DuckDB's INSERT OR IGNORE into a postgres table reads
+            # the table's keys back (COPY ... TO STDOUT) to find the conflicts, so it costs a table scan.
+            for variant, note in (("duckdb (1st load)", "first-wins, no validation"),
+                                  ("duckdb (2nd: all present)", "reads the table's keys back")):
+                cmd = [self.duckdb_python, str(DUCKDB_LOADER), str((root / "json").resolve())]
+                p = run_timed(cmd, self.child_env(db), self.logs, self.tag(ds, variant), self.work)
+                out = _last_json_line(p.stdout)
+                rows = self.dbs.count(db)
+                if p.code != 0:
+                    note += f"; exit {p.code}, see {p.stderr_path}"
+                if rows != meta["distinct_keys"]:
+                    note += f"; ROWS != {meta['distinct_keys']} distinct keys"
+                self.add(ds, variant, status="ok" if p.code == 0 else f"exit {p.code}", rows=rows,
+                         rows_inserted=out.get("rows_inserted"), seconds=p.seconds, rss_mb=p.rss_mb, note=note)
+                if p.code != 0:
+                    break
         finally:
             self.dbs.drop(db)
 
@@ -583,13 +649,13 @@ def _size(n: int) -> str:
 # Main
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Benchmark ingest.py against psql \\copy and a hand-written loader.")
+    p = argparse.ArgumentParser(description="Benchmark ingest.py against psql \\copy, a hand-written loader and DuckDB.")
     p.add_argument("--quick", action="store_true", help="small data sets (~1/50 scale), a smoke run in seconds")
     p.add_argument("--only", help="comma-separated data sets: a,b,c,d (all of d) or d-100k,d-1M,d-10M")
     p.add_argument("--keep", action="store_true", help="keep the bench_* databases (not dropped)")
     p.add_argument("--scratch", type=Path, default=ROOT / "bench-data", help="scratch dir (default ./bench-data)")
-    p.add_argument("--variants", default="limit,baseline,ingest",
-                   help="comma-separated subset of limit,baseline,ingest (default all)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
     a = p.parse_args(argv)
     started = time.monotonic()
 
@@ -602,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown data set(s): {', '.join(sorted(unknown))}")
     else:
         chosen = all_sets
-    variants = {v.strip() for v in a.variants.split(",")}
+    variants = {v.strip() for v in a.variants.split(",") if v.strip()}
+    if variants - set(VARIANTS):
+        p.error(f"unknown variant(s): {', '.join(sorted(variants - set(VARIANTS)))}")
     scratch = a.scratch.resolve()
     data_root = scratch / ("quick" if a.quick else "full")
 
@@ -644,15 +712,29 @@ def main(argv: list[str] | None = None) -> int:
     if left_out:
         notes.append("Left out (time budget / memory): " + "; ".join(left_out) + ".")
 
+    duckdb_python, duckdb_status = ensure_duckdb(scratch) if "duckdb" in variants else (None, "")
+    if "duckdb" in variants:
+        if duckdb_python:
+            notes.append(f"duckdb: scripts/bench_duckdb.py on {duckdb_status} with its postgres extension from the "
+                         f"PyPI wheel ({', '.join(DUCKDB_PINS)}; loaded from the wheel's file, not downloaded): "
+                         "read_json with explicit columns (naive timestamps as UTC), first occurrence of each key kept "
+                         "(row_number() over file name, then position in the file), one INSERT OR IGNORE into the "
+                         "attached PostgreSQL table (the postgres extension finds the conflicts by reading the table's keys back with "
+                         "COPY ... TO STDOUT, then COPYs the new rows in; the 2nd run, every key present, shows that cost). "
+                         "It validates nothing (a bad record fails the whole run; no reject "
+                         "file, manifest or per-file commit) and uses every core (DuckDB threads); its peak RSS is the "
+                         "DuckDB process's own.")
+        else:
+            notes.append(f"duckdb: not run: {duckdb_status}.")
     dbs = Databases(a.keep)
-    bench = Bench(a, scratch, dbs, psql, flags)
+    bench = Bench(a, scratch, dbs, psql, flags, duckdb_python, duckdb_status)
     run_started = time.monotonic()
     try:
         for ds in chosen:
             root = data_root / ds.name
             meta = sets[ds.name]
             print(f"bench: running {ds.name}", flush=True)
-            steps = [(v, getattr(bench, v), {}) for v in ("limit", "baseline", "ingest") if v in variants]
+            steps = [(v, getattr(bench, v), {}) for v in VARIANTS if v in variants]
             if "ingest" in variants and ds.workers and "--workers" in flags:
                 steps.append(("ingest --workers 2", bench.ingest, {"workers": 2}))
             for variant, step, kw in steps:
