@@ -3,12 +3,14 @@
 
 Reads every ``*.json`` / ``*.jsonl`` / ``*.ndjson`` file (and ``.gz`` versions) under DATA_DIR in
 sorted path order, streams and validates each record, and loads the valid ones with COPY. A file
-is the unit of atomicity: all of its valid rows land in one transaction, or none do. Existing rows
-are never overwritten (ON CONFLICT DO NOTHING semantics); within a run the first record of a key
-(files in sorted path order, records in file order) is the one stored.
+is the unit of work: it is claimed, read, validated, inserted and recorded in the file manifest in
+one transaction (a file spanning more than PART_CHUNKS chunks commits every PART_CHUNKS chunks,
+resuming where it stopped). Existing rows are never overwritten (unless ``--on-conflict update``);
+within a run the first record of a key (files in sorted path order, records in file order) wins.
+One file's problem is that file's problem: it fails alone, with its reason, and the run goes on.
 
-Exit codes: 0 all loaded; 1 finished, but records or files were rejected; 2 usage or
-configuration error; 3 database unreachable or failed.
+Exit codes: 0 all loaded; 1 finished, but records or files were rejected or are not loaded;
+2 usage or configuration error; 3 database unreachable or unusable; 130/143 stopped by a signal.
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -17,11 +19,13 @@ configuration error; 3 database unreachable or failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -36,13 +40,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = ["connect_db", "insert_records", "load_files", "main", "validate_record"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ---------------------------------------------------------------------------------------------
 # Constants and configuration
@@ -63,16 +68,24 @@ METRICS = frozenset(METRIC_BOUNDS)
 REQUIRED_KEYS = ("user_id", "metric", "timestamp", "value")
 MAX_USER_ID_CHARS = 255  # keeps the primary-key index entry far below btree's ~2.7 kB limit
 MAX_RECORD_CHARS = 16 * 1024 * 1024  # one record bigger than this fails its file (bounds memory)
+MAX_NESTING = 1000  # deeper JSON is refused (Python's decoder would run out of stack)
 DEDUPE_MAX_KEYS = 200_000  # keys remembered per file to drop in-file repeats before COPY (~45 MB)
 REJECT_RECORD_CHARS = 1000  # a rejected record is quoted up to this many characters
 READ_CHUNK_CHARS = 1 << 20  # characters read from a file at a time
+# A transaction that writes into many chunks holds a lock on each chunk and its index; under
+# PostgreSQL's defaults (64 locks per transaction x 100 connections, shared) a file spanning
+# thousands of days would run out of shared memory. Such a file commits every PART_CHUNKS chunks.
+PART_CHUNKS = 100
 SCHEMA_PATH = Path(__file__).resolve().parent / "sql" / "schema.sql"
-SCHEMA_LOCK_KEY = 0x46_49_54_42  # advisory lock held while the schema is applied ("FITB")
-FILE_LOCK_NS = 0x46_49_4C_45  # advisory lock (namespace, hashtext(path)) claims a file ("FILE")
-RUN_LOCK_NS = 0x52_55_4E_53  # advisory lock (namespace, run_id) held while a run is alive ("RUNS")
-# Transient database errors (connection lost, restart, deadlock, serialization failure): a file is
-# retried this many times, waiting 0.5, 1, 2, 4, 8, 8, 8 s between attempts (~30 s in all).
+SCHEMA_LOCK_KEY = 0x46_49_54_42  # transaction advisory lock held while the schema is applied ("FITB")
+CLAIM_WAIT_MS = 200  # how long a first claim waits for a file another loader holds
+CLAIM_WAIT_AGAIN_MS = 30_000  # at the end of a run, how long it waits for a file that was busy
+# Transient database errors (connection lost or stalled, restart, deadlock, serialization
+# failure): a file is retried this many times, waiting 0.5, 1, 2, 4, 8, 8, 8 s in between.
 RETRY_ATTEMPTS, RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 8, 0.5, 8.0
+HEARTBEAT_SECONDS = 30  # a running run touches its ingest_runs row at most this often, between files
+STALE_RUN_MINUTES = 15  # a 'running' run silent for this long is marked 'interrupted' by the next run
+STOP_GRACE_SECONDS = 5.0  # after a first signal, a database call silent this long is cancelled
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
@@ -85,6 +98,7 @@ DEFAULTS = {
     "POSTGRES_PASSWORD": "",
     "CONNECT_TIMEOUT": "5",
     "STATEMENT_TIMEOUT": "0",
+    "STALL_TIMEOUT": "120",
     "DATA_DIR": "./Task-0/extracted_data",
     "SOURCE_TIMEZONE": "UTC",
     "BATCH_SIZE": "2000",
@@ -115,6 +129,8 @@ class Config:
     dry_run: bool = False
     progress: bool = False
     log_format: str = "text"
+    statement_timeout: int = 0  # seconds; 0 = none
+    stall_timeout: int = 120  # seconds a database call may go without progress
 
     def describe_db(self) -> str:
         return _describe(self.conninfo)
@@ -123,7 +139,9 @@ class Config:
 def _describe(info: dict) -> str:
     """Where the database is, for messages; never includes the password."""
     if "dsn" in info:
-        return _redact(info["dsn"], info.get("password"))
+        parsed = _parse_dsn(info["dsn"])
+        return f"{parsed.get('host', 'localhost')}:{parsed.get('port', '5432')}/{parsed.get('dbname', '')} " \
+               f"as {parsed.get('user', '')}"
     return f"{info['host']}:{info['port']}/{info['dbname']} as {info['user']}"
 
 
@@ -148,7 +166,13 @@ class ValidationError(IngestError):
 
 
 class FileFormatError(IngestError):
-    """A whole file cannot be read as JSON; the file is reported as failed."""
+    """The file's bytes cannot be read as records (bad JSON, encoding, size): skipped until it changes."""
+
+    exit_code = EXIT_REJECTS
+
+
+class FileReadError(IngestError):
+    """The file cannot be read now (permissions, I/O): retried on every run."""
 
     exit_code = EXIT_REJECTS
 
@@ -157,14 +181,20 @@ class DatabaseError(IngestError):
     exit_code = EXIT_DATABASE
 
 
+class ConnectError(DatabaseError):
+    """The server could not be reached (or refused the login)."""
+
+
 class RejectFileError(IngestError):
     """Rejects cannot be written (disk full, permissions): the file in flight is rolled back."""
 
     exit_code = EXIT_USAGE
 
 
-class ConnectError(DatabaseError):
-    """The server could not be reached (or refused the login)."""
+class Interrupted(IngestError):
+    def __init__(self, signum: int, how: str = "between files") -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} {how}")
+        self.exit_code = 128 + signum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,12 +207,39 @@ class Row(NamedTuple):
     value: float
 
 
+class Unparsable(NamedTuple):
+    """A JSON Lines line that is not JSON: rejected like an invalid record."""
+
+    reason: str
+    text: str
+
+
+class _Float(float):
+    """A JSON number decoded carefully: remembers its text, for reasons quoted as written."""
+
+    text: str
+
+
+class _Unstorable(NamedTuple):
+    """A JSON number no double can hold (it overflows, or underflows to zero)."""
+
+    text: str
+    problem: str
+
+
+class _DuplicateKey(NamedTuple):
+    """An object that names the same key twice: ambiguous, so rejected rather than guessed."""
+
+    key: str
+
+
 # Extended ISO 8601 calendar date and time; the offset is optional (naive = SOURCE_TIMEZONE).
 _TIMESTAMP_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:Z|z|[+-]\d{2}(?::?\d{2})?)?",
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(Z|z|[+-]\d{2}(?::?\d{2})?)?",
     re.ASCII,
 )
 _DATE_ONLY_RE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+_OFFSET_RE = re.compile(r"[+-](\d{2}):?(\d{2})?", re.ASCII)
 
 
 def _json_type(obj: object) -> str:
@@ -190,24 +247,34 @@ def _json_type(obj: object) -> str:
         return "null"
     if isinstance(obj, bool):
         return "boolean"
-    if isinstance(obj, (int, float)):
+    if isinstance(obj, (int, float, _Unstorable)):
         return "number"
     if isinstance(obj, str):
         return "string"
     if isinstance(obj, list):
         return "array"
-    return "object" if isinstance(obj, dict) else type(obj).__name__
+    return "object" if isinstance(obj, (dict, _DuplicateKey)) else type(obj).__name__
+
+
+def _shown(obj: object, limit: int = 60) -> str:
+    """A value as JSON text, cut at ``limit`` characters, for a reason."""
+    if isinstance(obj, (_Float, _Unstorable)):
+        text = obj.text
+    else:
+        try:
+            text = json.dumps(obj, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError):
+            text = repr(obj)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _check_user_id(user_id: object) -> str:
     if type(user_id) is not str:
-        raise ValidationError(f"user_id must be a string, got {_json_type(user_id)}")
+        raise ValidationError(f"user_id must be a string, got {_json_type(user_id)} {_shown(user_id)}")
     if not user_id.strip():
-        raise ValidationError("user_id is empty or blank")
+        raise ValidationError(f"user_id is empty or blank: {_shown(user_id)}")
     if len(user_id) > MAX_USER_ID_CHARS:
-        raise ValidationError(
-            f"user_id is {len(user_id)} characters long (at most {MAX_USER_ID_CHARS})"
-        )
+        raise ValidationError(f"user_id is {len(user_id)} characters long (at most {MAX_USER_ID_CHARS})")
     if not user_id.isascii():
         try:
             user_id.encode("utf-8")
@@ -220,66 +287,68 @@ def _check_user_id(user_id: object) -> str:
 
 def _check_metric(metric: object) -> str:
     if type(metric) is not str:
-        raise ValidationError(f"metric must be a string, got {_json_type(metric)}")
+        raise ValidationError(f"metric must be a string, got {_json_type(metric)} {_shown(metric)}")
     if metric in METRICS:
         return metric
     hint = metric.strip().lower()
     if hint in METRICS:
-        raise ValidationError(f"unknown metric {metric[:50]!r} (did you mean {hint!r}?)")
-    raise ValidationError(
-        f"unknown metric {metric[:50]!r} (expected one of {', '.join(sorted(METRICS))})"
-    )
+        raise ValidationError(f"unknown metric {_shown(metric, 50)} (did you mean {hint!r}?)")
+    raise ValidationError(f"unknown metric {_shown(metric, 50)} (expected one of {', '.join(sorted(METRICS))})")
 
 
-def _localize(naive: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
+def _localize(naive: dt.datetime, tz: dt.tzinfo, text: str) -> dt.datetime:
     """Attach ``tz`` to a wall-clock time, refusing times a DST change makes ambiguous or void."""
     first, second = naive.replace(tzinfo=tz), naive.replace(tzinfo=tz, fold=1)
     if first.utcoffset() != second.utcoffset():
         back = first.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
         if back != naive:
-            raise ValidationError(f"timestamp does not exist in {tz} (skipped by a DST change)")
-        raise ValidationError(f"timestamp is ambiguous in {tz} (repeated by a DST change)")
+            raise ValidationError(f"timestamp {_shown(text)} does not exist in {tz} (skipped by a DST change)")
+        raise ValidationError(f"timestamp {_shown(text)} is ambiguous in {tz} (repeated by a DST change)")
     return first
 
 
 def _check_timestamp(text: object, tz: dt.tzinfo) -> dt.datetime:
     if type(text) is not str:
-        raise ValidationError(
-            f"timestamp must be an ISO 8601 string, got {_json_type(text)}"
-        )
-    if not _TIMESTAMP_RE.fullmatch(text):
+        raise ValidationError(f"timestamp must be an ISO 8601 string, got {_json_type(text)} {_shown(text)}")
+    match = _TIMESTAMP_RE.fullmatch(text)
+    if not match:
         if _DATE_ONLY_RE.fullmatch(text):
-            raise ValidationError(f"timestamp {text!r} is a date without a time of day")
+            raise ValidationError(f"timestamp {_shown(text)} is a date without a time of day")
         raise ValidationError(
-            f"timestamp {text[:60]!r} is not ISO 8601 (expected YYYY-MM-DDTHH:MM:SS[.f][±HH:MM])"
-        )
+            f"timestamp {_shown(text)} is not ISO 8601 (expected YYYY-MM-DDTHH:MM:SS[.f][±HH:MM])")
+    offset = _OFFSET_RE.fullmatch(match.group(1) or "")
+    if offset and (int(offset.group(1)) > 23 or int(offset.group(2) or 0) > 59):
+        raise ValidationError(f"timestamp {_shown(text)} has a UTC offset outside -23:59..+23:59")
     try:
         parsed = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ValidationError(f"timestamp {text!r} does not exist: {exc}") from None
+        raise ValidationError(f"timestamp {_shown(text)} is not a real date and time ({exc})") from None
     try:
         if parsed.tzinfo is None:
             if tz is UTC:
                 return parsed.replace(tzinfo=UTC)
-            parsed = _localize(parsed, tz)
+            parsed = _localize(parsed, tz, text)
         return parsed.astimezone(UTC)
     except OverflowError:
-        raise ValidationError(f"timestamp {text!r} is outside years 1..9999 in UTC") from None
+        raise ValidationError(f"timestamp {_shown(text)} is outside years 1..9999 in UTC") from None
 
 
 def _check_value(value: object, metric: str) -> float:
     kind = type(value)
-    if kind is not float and kind is not int:  # bool is a subclass of int: excluded here
-        raise ValidationError(f"value must be a number, got {_json_type(value)}")
+    if kind is _Unstorable:
+        raise ValidationError(f"value {_shown(value)} {value.problem}")
+    if kind is not float and kind is not int and kind is not _Float:  # bool (an int) is excluded here
+        raise ValidationError(f"value must be a number, got {_json_type(value)} {_shown(value)}")
     try:
         number = float(value)
     except OverflowError:
-        raise ValidationError("value is too large for a double precision number") from None
+        raise ValidationError(f"value {_shown(value)} is too large for a double precision number") from None
     if not math.isfinite(number):
-        raise ValidationError(f"value must be a finite number, got {value!r}")
+        raise ValidationError(f"value {_shown(value)} is not a finite number")
     low, high = METRIC_BOUNDS[metric]
     if not low <= number <= high:
-        raise ValidationError(f"value {number:g} is outside the plausible range for {metric} ({low:g}..{high:g})")
+        raise ValidationError(
+            f"value {_shown(value)} is outside the plausible range for {metric} ({low:g}..{high:g})")
     return number
 
 
@@ -289,6 +358,8 @@ def validate_record(obj: object, tz: dt.tzinfo = UTC) -> Row:
     Pure: no I/O. Keys other than the four required ones are ignored (the loader counts them and
     says so once per file), so a producer adding a field does not make every record a reject.
     """
+    if type(obj) is _DuplicateKey:
+        raise ValidationError(f"key {obj.key!r} appears more than once in the record (ambiguous)")
     if type(obj) is not dict:
         raise ValidationError(f"record must be a JSON object, got {_json_type(obj)}")
     missing = [key for key in REQUIRED_KEYS if key not in obj]
@@ -304,146 +375,280 @@ def validate_record(obj: object, tz: dt.tzinfo = UTC) -> Row:
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_FAST_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|\+00:00)?", re.ASCII)
 
 
-def _copy_parts(row: Row, escaped_user: str | None = None) -> tuple[str, str]:
-    """One row in COPY text format, as (key part, "\t<value>\n"): user_id escaped; the other
-    fields cannot hold specials."""
-    user = escaped_user if escaped_user is not None else row.user_id.translate(_COPY_ESCAPES)
-    return f"{user}\t{row.metric}\t{row.timestamp.isoformat()}", f"\t{row.value!r}\n"
+def _copy_key(row: Row) -> str:
+    """The key part of a row's COPY text line (user_id escaped; the others hold no specials)."""
+    return f"{row.user_id.translate(_COPY_ESCAPES)}\t{row.metric}\t{row.timestamp.isoformat()}"
 
 
 def _copy_line(row: Row) -> str:
-    key, tail = _copy_parts(row)
-    return key + tail
+    """One row as a line of COPY text format (what ``insert_records`` takes)."""
+    return f"{_copy_key(row)}\t{row.value!r}\n"
 
 
 class _LineMaker:
-    """Validated record -> COPY line as (key part, value part), with a fast path for Task-0's shape.
+    """Record -> (key part, value part) of its COPY line: a cache in front of validate_record.
 
-    The fast path accepts only a subset that it checks completely (a user_id already accepted,
-    a known metric, "YYYY-MM-DDTHH:MM:SS" in UTC, a number within bounds) and produces exactly
-    what validate_record's Row would. Everything else goes through validate_record, which also
-    supplies the reason for a reject. Timestamps and values repeat across records, so their
-    checked text is remembered (bounded).
+    Each field is checked by the same function validate_record uses; what repeats across records
+    (users, timestamps, values) is remembered (bounded), so the common case is a few dict lookups.
+    A record that fails any check goes through validate_record itself, which supplies the reason.
     """
 
     def __init__(self, tz: dt.tzinfo) -> None:
-        self.tz, self.naive_is_utc = tz, tz is UTC
+        self.tz = tz
         self.users: dict[str, str] = {}  # accepted user_id -> its escaped COPY text
-        self.stamps: dict[str, str] = {}  # timestamp text -> canonical UTC text, "" if not fast
-        self.values: dict[float, str] = {}  # number -> "\t<repr>\n"
+        self.stamps: dict[str, tuple[str, int]] = {}  # timestamp text -> (UTC text, epoch seconds)
+        self.values: dict[tuple[str, float], str] = {}  # (metric, number) -> "\t<repr>\n"
 
-    def __call__(self, obj: object) -> tuple[str, str]:
-        try:
-            user, metric, ts, value = obj["user_id"], obj["metric"], obj["timestamp"], obj["value"]
-        except (KeyError, TypeError, IndexError):
-            user = None
-        if type(user) is str and type(metric) is str and type(ts) is str:
-            escaped, bounds, kind = self.users.get(user), METRIC_BOUNDS.get(metric), type(value)
-            if escaped is not None and bounds is not None and (kind is float or kind is int):
-                stamp = self.stamps.get(ts)
-                if stamp is None:
-                    stamp = self._stamp(ts)
-                if stamp and bounds[0] <= value <= bounds[1]:
-                    tail = self.values.get(value)
-                    if tail is None:
-                        tail = f"\t{float(value)!r}\n"
-                        if len(self.values) < 10_000:
-                            self.values[value] = tail
-                    return f"{escaped}\t{metric}\t{stamp}", tail
-        row = validate_record(obj, self.tz)
+    def __call__(self, obj: object) -> tuple[str, str, int]:
+        """(key, tail, epoch seconds) of a valid record; raises ValidationError otherwise."""
+        if type(obj) is dict and len(obj) >= 4:
+            try:
+                user, metric, ts, value = obj["user_id"], obj["metric"], obj["timestamp"], obj["value"]
+            except KeyError:
+                pass
+            else:
+                kind = type(value)
+                if type(user) is str and type(ts) is str and (kind is float or kind is int) and value:
+                    escaped, stamp = self.users.get(user), self.stamps.get(ts)
+                else:
+                    escaped = stamp = None
+                if escaped is not None and stamp is not None:
+                    tail = self.values.get((metric, value))
+                    if tail is not None:
+                        return f"{escaped}\t{metric}\t{stamp[0]}", tail, stamp[1]
+        row = validate_record(obj, self.tz)  # raises the reason for a reject
+        return self._remember(obj, row)
+
+    def _remember(self, obj: dict, row: Row) -> tuple[str, str, int]:
         escaped = self.users.get(row.user_id)
         if escaped is None:
             if len(self.users) >= 100_000:
                 self.users.clear()
             escaped = self.users[row.user_id] = row.user_id.translate(_COPY_ESCAPES)
-        return _copy_parts(row, escaped)
-
-    def _stamp(self, ts: str) -> str:
-        match = _FAST_TIMESTAMP.fullmatch(ts)
-        ok = match and (match.group(1) or self.naive_is_utc) and _calendar_ok(ts[:19])
-        stamp = f"{ts[:19]}+00:00" if ok else ""
-        if len(self.stamps) >= 100_000:  # ~15 MB; a day of one-second readings fits
-            self.stamps.clear()
-        self.stamps[ts] = stamp
-        return stamp
-
-
-def _calendar_ok(text: str) -> bool:
-    try:
-        dt.datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
+        ts_text = row.timestamp.isoformat()
+        epoch = int(row.timestamp.timestamp())
+        if type(obj["timestamp"]) is str:
+            if len(self.stamps) >= 100_000:  # ~15 MB; a day of one-second readings fits
+                self.stamps.clear()
+            self.stamps[obj["timestamp"]] = (ts_text, epoch)
+        tail = f"\t{row.value!r}\n"
+        value = obj["value"]
+        # Only plain non-zero numbers are remembered: 0 == -0.0 == False as dict keys.
+        if type(value) in (float, int) and value and len(self.values) < 10_000:
+            self.values[(row.metric, value)] = tail
+        return f"{escaped}\t{row.metric}\t{ts_text}", tail, epoch
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading files (streaming)
 # ---------------------------------------------------------------------------------------------
-class Unparsable(NamedTuple):
-    """A JSON Lines line that is not JSON: rejected like an invalid record."""
-
-    reason: str
-    text: str
-
-
 _KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def _escape_name(name: str) -> str:
+    """A file name as one unambiguous printable line: bytes that are not UTF-8 become \\xNN,
+    control characters \\xNN, and a backslash \\\\ (so "\\xff" written in a name stays distinct)."""
+    if name.isprintable() and "\\" not in name and name.isascii():
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char == "\\":
+            out.append("\\\\")
+        elif not char.isprintable() or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataFile:
     path: Path
-    rel: str  # path relative to DATA_DIR, with "/" separators: the name used everywhere
-    kind: str  # "json" or "jsonl"
-    gzipped: bool
+    rel: str  # path relative to DATA_DIR, "/" separators, escaped: the name used everywhere
+    kind: str  # "json" or "jsonl"; "" for a directory that could not be listed
+    gzipped: bool = False
+    error: str | None = None  # set when the file (or directory) could not even be listed
 
-    def records(self, digest: Digest | None = None) -> Iterator[tuple[int, object]]:
-        """Yield (position, decoded value): position is the 1-based record (or line) number.
+    def records(self, digest: Digest | None = None) -> RecordStream:
+        """The file's records, streamed: iterate for (position, value) pairs."""
+        return RecordStream(self, digest)
 
-        With ``digest``, the file's bytes as read are hashed and counted into it; a fully read
-        file is read to its end, so the digest covers every byte.
-        """
+
+class RecordStream:
+    """(position, decoded value) pairs of one file, plus the text of the record just yielded.
+
+    Position is the 1-based record number (the line number in JSON Lines). ``raw(position)``
+    returns the text of a value of the batch last yielded, as written in the file, for rejects
+    and their reasons. With ``digest``, every byte read is hashed and counted into it.
+    """
+
+    def __init__(self, df: DataFile, digest: Digest | None) -> None:
+        self.df, self.digest = df, digest
+        self._batch, self._first = _BatchText(""), 0  # the text the last values came from
+
+    def raw(self, position: int) -> str:
+        return self._batch.item(position - self._first)
+
+    def _one(self, position: int, text: str) -> None:
+        self._batch, self._first = _BatchText(text, single=True), position
+
+    def __iter__(self) -> Iterator[tuple[int, object]]:
+        df = self.df
         try:
-            with self._open(digest) as text:
-                if self.kind == "jsonl":
-                    yield from _iter_json_lines(text)
+            with _open_text(df.path, df.gzipped, self.digest) as text:
+                if df.kind == "jsonl":
+                    yield from self._lines(text)
                 else:
-                    yield from _iter_json_document(text)
+                    yield from self._document(_Buffer(text))
                 while text.buffer.read(READ_CHUNK_CHARS):  # bytes after the last record
                     pass
-        except FileFormatError:
+        except (FileFormatError, FileReadError):
             raise
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise FileFormatError(_describe_read_error(exc, self.gzipped)) from None
+        except (EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+            raise FileFormatError(_describe_read_error(exc, df.gzipped)) from None
+        except OSError as exc:
+            raise FileReadError(_describe_read_error(exc, df.gzipped)) from None
 
-    def _open(self, digest: Digest | None) -> io.TextIOWrapper:
-        # Non-blocking open, then a check on the opened file: a path swapped for a FIFO after it
-        # was listed must not hang the loader.
-        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise FileFormatError("not a regular file (any more)")
-        os.set_blocking(fd, True)
-        raw = open(fd, "rb", buffering=0)  # noqa: SIM115 (closed through the wrapper)
-        try:
-            binary: io.BufferedIOBase = io.BufferedReader(
-                _HashingReader(raw, digest) if digest else raw, buffer_size=1 << 20)
-            if self.gzipped:
-                binary = gzip.GzipFile(fileobj=binary, mode="rb")
-            head = binary.peek(4)[:4]
-            return io.TextIOWrapper(binary, encoding=_sniff_encoding(head), newline="")
-        except BaseException:
-            raw.close()
-            raise
+    # --- JSON: an array of records, or record objects one after another -----------------------
+    def _document(self, buf: _Buffer) -> Iterator[tuple[int, object]]:
+        first = buf.skip_ws()
+        if first == "":
+            raise FileFormatError("file is empty (expected a JSON array of records)")
+        position = 0
+        if first == "[":
+            buf.pos += 1
+            if buf.skip_ws() == "]":
+                buf.pos += 1
+            else:
+                yield from self._array_items(buf)
+            if buf.skip_ws() != "":
+                raise FileFormatError(f"unexpected data after the JSON array at {buf.where(buf.pos)}")
+            return
+        if first != "{":
+            value, _ = buf.decode_one()
+            raise FileFormatError(f"top-level JSON is a {_json_type(value)}; expected an array of records "
+                                  "or a record object")
+        while buf.skip_ws() != "":
+            position += 1
+            value, text = buf.decode_one()
+            self._one(position, text)
+            yield position, value
+
+    def _array_items(self, buf: _Buffer) -> Iterator[tuple[int, object]]:
+        position = 0
+        while True:
+            batch = buf.decode_batch()
+            if batch is not None:
+                items, text = batch
+                self._batch, self._first = _BatchText(text), position + 1  # split only if asked
+                for item in items:
+                    position += 1
+                    yield position, item
+                continue
+            if buf.skip_ws() == "":
+                raise FileFormatError("file ends inside the JSON array (truncated?)")
+            position += 1
+            value, text = buf.decode_one()
+            self._one(position, text)
+            yield position, value
+            separator = buf.skip_ws()
+            buf.pos += 1
+            if separator == "]":
+                return
+            if separator != ",":
+                if separator == "":
+                    raise FileFormatError("file ends inside the JSON array (truncated?)")
+                raise FileFormatError(f"invalid JSON at {buf.where(buf.pos - 1)}: expected ',' or ']'")
+
+    # --- JSON Lines: one record per line; a bad line is a rejected record ---------------------
+    def _lines(self, text: io.TextIOBase) -> Iterator[tuple[int, object]]:
+        lineno = 0
+        while True:
+            line = text.readline(MAX_RECORD_CHARS + 1)
+            if not line:
+                return
+            lineno += 1
+            if len(line) > MAX_RECORD_CHARS and not line.endswith("\n"):
+                while line and not line.endswith("\n"):  # skip the rest of the oversized line
+                    line = text.readline(READ_CHUNK_CHARS)
+                self._one(lineno, "")
+                yield lineno, Unparsable(f"line longer than {MAX_RECORD_CHARS} characters", "")
+                continue
+            if not line.strip():  # a blank line keeps its number but is not a record
+                continue
+            line = line.rstrip("\r\n")
+            self._one(lineno, line)
+            yield lineno, _decode_line(line)
+
+
+def _decode_line(line: str) -> object:
+    """One JSON Lines line: the fast decoder when the text shows nothing it could get wrong."""
+    try:
+        value = _FAST.decode(line)
+    except (ValueError, RecursionError):
+        value = None  # decoded again below, carefully, for the exact reason
+    else:
+        if _fast_is_exact(line, (value,)):
+            return value
+    try:
+        return _CAREFUL.decode(line)
+    except json.JSONDecodeError as exc:
+        return Unparsable(f"invalid JSON on this line: {exc.msg} (column {exc.colno})", line)
+    except RecursionError:
+        where = _deep_nesting_at(line, 0)
+        return Unparsable(f"JSON nested more than {MAX_NESTING} levels deep (from column {where + 1})", line)
+
+
+class _BatchText:
+    """The text of one batch of array items; an item's own text is found only when asked."""
+
+    def __init__(self, text: str, single: bool = False) -> None:
+        self.text = text
+        self.spans: list[tuple[int, int]] | None = [(0, len(text))] if single else None
+
+    def item(self, index: int) -> str:
+        if self.spans is None:
+            self.spans, pos = [], 0
+            while pos < len(self.text):
+                pos = _WS.match(self.text, pos).end()
+                _, end = _CAREFUL.raw_decode(self.text, pos)
+                self.spans.append((pos, end))
+                pos = _WS.match(self.text, end).end() + 1  # the comma
+        start, end = self.spans[index]
+        return self.text[start:end]
+
+
+def _open_text(path: Path, gzipped: bool, digest: Digest | None) -> io.TextIOWrapper:
+    # Non-blocking open, then a check on the opened file: a path swapped for a FIFO after it
+    # was listed must not hang the loader.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileReadError("not a regular file (any more)")
+    os.set_blocking(fd, True)
+    raw = open(fd, "rb", buffering=0)  # noqa: SIM115 (closed through the wrapper)
+    try:
+        binary: io.BufferedIOBase = io.BufferedReader(
+            _HashingReader(raw, digest) if digest else raw, buffer_size=1 << 20)
+        if gzipped:
+            binary = gzip.GzipFile(fileobj=binary, mode="rb")
+        head = binary.peek(4)[:4]
+        return io.TextIOWrapper(binary, encoding=_sniff_encoding(head), newline="")
+    except BaseException:
+        raw.close()
+        raise
 
 
 class Digest:
-    """SHA-256 and byte count of a file, computed while it is read."""
+    """SHA-256 and byte count of a file, computed while it is read; ``progress`` sees each read."""
 
-    def __init__(self) -> None:
-        self.sha256, self.size = hashlib.sha256(), 0
+    def __init__(self, progress: Callable[[int], object] | None = None) -> None:
+        self.sha256, self.size, self.progress = hashlib.sha256(), 0, progress
 
     def hexdigest(self) -> str:
         return self.sha256.hexdigest()
@@ -461,6 +666,8 @@ class _HashingReader(io.RawIOBase):
         if count:
             self._digest.sha256.update(memoryview(buffer)[:count])
             self._digest.size += count
+            if self._digest.progress is not None:
+                self._digest.progress(count)
         return count
 
     def close(self) -> None:
@@ -468,12 +675,9 @@ class _HashingReader(io.RawIOBase):
         super().close()
 
 
-def _file_digest(path: Path) -> Digest:
-    digest = Digest()
-    with open(path, "rb", buffering=0) as raw, _HashingReader(raw, digest) as reader:
-        while reader.read(READ_CHUNK_CHARS):
-            pass
-    return digest
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _sniff_encoding(head: bytes) -> str:
@@ -489,7 +693,7 @@ def _sniff_encoding(head: bytes) -> str:
 
 def _describe_read_error(exc: BaseException, gzipped: bool) -> str:
     if isinstance(exc, UnicodeDecodeError):
-        return f"not valid {exc.encoding} text ({exc.reason})"
+        return f"not valid {exc.encoding} text ({exc.reason} at byte {exc.start})"
     if gzipped and isinstance(exc, (gzip.BadGzipFile, EOFError)):
         return f"not a valid gzip file ({exc})"
     if isinstance(exc, OSError) and exc.strerror:
@@ -497,7 +701,60 @@ def _describe_read_error(exc: BaseException, gzipped: bool) -> str:
     return f"cannot read file: {exc}"
 
 
-_DECODER = json.JSONDecoder()
+# --- JSON decoding: a fast decoder, and a careful one that sees what the fast one cannot -------
+def _careful_float(text: str) -> object:
+    number = _Float(text)
+    if math.isinf(number):
+        return _Unstorable(text, "is too large for a double precision number")
+    if number == 0.0 and any(c in "123456789" for c in text.split("e")[0].split("E")[0]):
+        return _Unstorable(text, "is too small for a double precision number (it would be stored as 0)")
+    number.text = text
+    return number
+
+
+def _careful_int(text: str) -> object:
+    if len(text.lstrip("-")) > 4000:  # Python refuses to convert more than 4300 digits
+        return _Unstorable(text, "is too large for a double precision number")
+    return int(text)
+
+
+def _careful_object(pairs: list[tuple[str, object]]) -> object:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                return _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+_FAST = json.JSONDecoder()
+_CAREFUL = json.JSONDecoder(parse_float=_careful_float, parse_int=_careful_int,
+                            object_pairs_hook=_careful_object)
+_KEY_TOKENS = tuple(f'"{key}"' for key in REQUIRED_KEYS)
+_RECORD_KEYS = frozenset(REQUIRED_KEYS)
+
+
+def _fast_is_exact(text: str, items: Sequence[object]) -> bool:
+    """Did the fast decoder see all there was? It keeps the last of a repeated key and turns
+    1e-400 into 0 silently; both are possible only where this returns False.
+
+    True when every item is an object with exactly the four record keys, each key's token occurs
+    in the text exactly once per item (so no object can have named a key twice: a repeated key,
+    or a key inside a string value, makes the count differ), and no number has a negative
+    exponent or hundreds of zeros (the only ways to underflow).
+    """
+    for item in items:
+        if type(item) is not dict or len(item) != 4 or item.keys() != _RECORD_KEYS:
+            return False
+    count = len(items)
+    for token in _KEY_TOKENS:
+        if text.count(token) != count:
+            return False
+    return "e-" not in text and "E-" not in text and "0" * 300 not in text
+
+
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -524,27 +781,53 @@ class _Buffer:
             if self.pos < len(self.text) or not self.fill():
                 return self.text[self.pos : self.pos + 1]
 
-    def decode(self) -> object:
-        """Decode the value at the cursor, reading more while it may be cut by the window."""
+    def decode_one(self) -> tuple[object, str]:
+        """Decode the value at the cursor (carefully), reading more while the window may cut it;
+        return it with its text."""
         while True:
+            start = self.pos
             try:
-                value, end = _DECODER.raw_decode(self.text, self.pos)
+                value, end = _CAREFUL.raw_decode(self.text, start)
                 if end < len(self.text) or self.eof:
                     self.pos = end
-                    return value
+                    return value, self.text[start:end]
                 # A number at the very end of the window may go on in the next chunk.
             except json.JSONDecodeError as exc:
                 if self.eof and _at_end(exc, self.text):
-                    raise FileFormatError(f"file ends inside a record at {self.where(self.pos)} (truncated?)") from None
+                    raise FileFormatError(f"file ends inside a record at {self.where(start)} (truncated?)") from None
                 if self.eof or not _may_be_cut(exc, len(self.text)):
                     raise FileFormatError(f"invalid JSON at {self.where(exc.pos)}: {exc.msg}") from None
             except RecursionError:
-                raise FileFormatError(f"JSON nested too deeply at {self.where(self.pos)}") from None
+                if self.eof or len(self.text) - start > MAX_RECORD_CHARS:
+                    where = self.where(_deep_nesting_at(self.text, start))
+                    raise FileFormatError(f"JSON nested more than {MAX_NESTING} levels deep at {where}") from None
             if len(self.text) - self.pos > MAX_RECORD_CHARS:
                 raise FileFormatError(
-                    f"a record at {self.where(self.pos)} is larger than {MAX_RECORD_CHARS} characters"
-                )
+                    f"a record at {self.where(self.pos)} is larger than {MAX_RECORD_CHARS} characters")
             self.fill()
+
+    def decode_batch(self) -> tuple[list, str] | None:
+        """Decode many array items with one call of the fast decoder (its C code does the looping).
+
+        The window is cut after its last "}," and parsed as an array. That cut can only parse if
+        it falls between two items: inside a string or a nested value the brackets or quotes would
+        not balance. Anything else (odd formatting, a bad record, anything the fast decoder could
+        get wrong) returns None, and the caller decodes item by item, carefully.
+        """
+        if len(self.text) - self.pos < READ_CHUNK_CHARS // 2:
+            self.fill()
+        cut = self.text.rfind("},", self.pos)
+        if cut < 0 or cut - self.pos < 4096:
+            return None
+        text = self.text[self.pos : cut + 1]
+        try:
+            items = _FAST.decode(f"[{text}]")
+        except (ValueError, RecursionError):
+            return None
+        if not _fast_is_exact(text, items):
+            return None
+        self.pos = cut + 2
+        return items, text
 
     def where(self, pos: int) -> str:
         return f"character {self.consumed + pos + 1}"
@@ -559,121 +842,61 @@ def _at_end(exc: json.JSONDecodeError, text: str) -> bool:
     return exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip())
 
 
-def _iter_json_document(text: io.TextIOBase) -> Iterator[tuple[int, object]]:
-    """A JSON array of records, or one or more record objects one after the other."""
-    buf = _Buffer(text)
-    first = buf.skip_ws()
-    if first == "":
-        raise FileFormatError("file is empty (expected a JSON array of records)")
-    if first == "[":
-        buf.pos += 1
-        yield from _iter_array_items(buf)
-        if buf.skip_ws() != "":
-            raise FileFormatError(f"unexpected data after the JSON array at {buf.where(buf.pos)}")
-        return
-    if first != "{":
-        value = buf.decode()
-        raise FileFormatError(
-            f"top-level JSON is a {_json_type(value)}; expected an array of records or a record object"
-        )
-    position = 0
-    while buf.skip_ws() != "":
-        position += 1
-        yield position, buf.decode()
-
-
-def _iter_array_items(buf: _Buffer) -> Iterator[tuple[int, object]]:
-    position = 0
-    if buf.skip_ws() == "]":
-        buf.pos += 1
-        return
-    while True:
-        batch = _decode_batch(buf)
-        if batch:
-            for item in batch:
-                position += 1
-                yield position, item
-            continue
-        if buf.skip_ws() == "":
-            raise FileFormatError("file ends inside the JSON array (truncated?)")
-        position += 1
-        yield position, buf.decode()
-        separator = buf.skip_ws()
-        buf.pos += 1
-        if separator == "]":
-            return
-        if separator != ",":
-            where = buf.where(buf.pos - 1)
-            if separator == "":
-                raise FileFormatError("file ends inside the JSON array (truncated?)")
-            raise FileFormatError(f"invalid JSON at {where}: expected ',' or ']'")
-
-
-def _decode_batch(buf: _Buffer) -> list | None:
-    """Decode many array items with one json.loads call (the C decoder then does the looping).
-
-    The window is cut after its last "}," and parsed as an array. That cut can only parse if
-    it falls between two items: inside a string or a nested value the brackets or quotes would
-    not balance. Anything else (odd formatting, a bad record) returns None, and the caller
-    decodes item by item, which finds and reports the exact problem.
-    """
-    if len(buf.text) - buf.pos < READ_CHUNK_CHARS // 2:
-        buf.fill()
-    cut = buf.text.rfind("},", buf.pos)
-    if cut < 0 or cut - buf.pos < 4096:
-        return None
-    try:
-        items = json.loads(f"[{buf.text[buf.pos:cut + 1]}]")
-    except (ValueError, RecursionError):
-        return None
-    buf.pos = cut + 2
-    return items
-
-
-def _iter_json_lines(text: io.TextIOBase) -> Iterator[tuple[int, object]]:
-    """One record per line; a bad line is a rejected record, not a failed file."""
-    lineno = 0
-    while True:
-        line = text.readline(MAX_RECORD_CHARS + 1)
-        if not line:
-            return
-        lineno += 1
-        if len(line) > MAX_RECORD_CHARS and not line.endswith("\n"):
-            while line and not line.endswith("\n"):  # skip the rest of the oversized line
-                line = text.readline(READ_CHUNK_CHARS)
-            yield lineno, Unparsable(f"line longer than {MAX_RECORD_CHARS} characters", "")
-            continue
-        if not line.strip():  # a blank line keeps its number but is not a record
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield lineno, Unparsable(f"invalid JSON on this line: {exc.msg} (column {exc.colno})", line)
-        except RecursionError:
-            yield lineno, Unparsable("JSON nested too deeply", line)
+def _deep_nesting_at(text: str, start: int) -> int:
+    """Where the nesting that went too deep begins: the first bracket, inside the value at
+    ``start``, of the path that passes MAX_NESTING levels (the value's own start otherwise)."""
+    depth, in_string, escaped, opened = 0, False, False, {}
+    for pos in range(start, min(len(text), start + MAX_RECORD_CHARS)):
+        char = text[pos]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            opened[depth] = pos
+            if depth > MAX_NESTING:
+                return opened.get(2, start)
+        elif char in "]}":
+            depth -= 1
+            if depth <= 0:
+                break
+    return start
 
 
 def load_files(data_dir: Path) -> Iterator[DataFile]:
     """Yield the loadable files under ``data_dir`` in sorted relative-path order.
 
     Directory symlinks are not followed (no loops); a file symlink is followed only when its
-    target lies inside ``data_dir``. Anything that is not a regular file (FIFO, socket, device)
-    is skipped, so the loader never blocks on it.
+    target lies inside ``data_dir``. FIFOs, sockets and devices are skipped (never opened). A
+    directory that cannot be listed, or a file that cannot be looked at, is yielded with its
+    ``error`` set, so it shows as a failed entry instead of silently vanishing.
     """
     root = data_dir.resolve()
-    found: list[tuple[str, Path, str, bool]] = []
-    for folder, dirs, names in os.walk(root, onerror=_walk_error):
+    found: list[DataFile] = []
+
+    def unlistable(exc: OSError) -> None:
+        rel = _escape_name(Path(exc.filename).relative_to(root).as_posix()) + "/"
+        found.append(DataFile(Path(exc.filename), rel, "", error=f"cannot list directory: {exc.strerror or exc}"))
+
+    for folder, dirs, names in os.walk(root, onerror=unlistable):
         dirs.sort()
         for name in names:
             path = Path(folder, name)
-            rel = path.relative_to(root).as_posix()
             kind, gzipped = _kind_of(name)
+            rel = _escape_name(path.relative_to(root).as_posix())
             if kind is None:
                 log.debug("skipping %s: not a .json/.jsonl/.ndjson file (or .gz of one)", rel)
-            elif _is_loadable(path, root, rel):
-                found.append((rel, path, kind, gzipped))
-    for rel, path, kind, gzipped in sorted(found):
-        yield DataFile(path, rel, kind, gzipped)
+                continue
+            error = _unloadable(path, root, rel)
+            if error != "skip":
+                found.append(DataFile(path, rel, kind, gzipped, error))
+    yield from sorted(found, key=lambda df: df.rel)
 
 
 def _kind_of(name: str) -> tuple[str | None, bool]:
@@ -684,25 +907,216 @@ def _kind_of(name: str) -> tuple[str | None, bool]:
     return _KINDS.get(os.path.splitext(lower)[1]), gzipped
 
 
-def _is_loadable(path: Path, root: Path, rel: str) -> bool:
+def _unloadable(path: Path, root: Path, rel: str) -> str | None:
+    """None for a regular file; "skip" for what is never data; else why it cannot be read."""
     if path.is_symlink():
+        if not path.exists():
+            log.warning("skipping %s: No such file or directory (a dangling symlink)", rel)
+            return "skip"
         target = path.resolve()
         if not target.is_relative_to(root):
-            log.warning("skipping %s: symlink to %s, outside the data directory", rel, target)
-            return False
+            log.warning("skipping %s: symlink to %s, outside the data directory", rel,
+                        _escape_name(str(target)))
+            return "skip"
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        log.warning("skipping %s: %s", rel, exc.strerror or exc)
-        return False
+        return f"cannot read file: {exc.strerror or exc}"
     if not stat.S_ISREG(mode):
         log.warning("skipping %s: not a regular file", rel)
-        return False
-    return True
+        return "skip"
+    return None
 
 
-def _walk_error(exc: OSError) -> None:
-    log.warning("cannot list %s: %s", exc.filename, exc.strerror or exc)
+# ---------------------------------------------------------------------------------------------
+# From records to rows: validation, rejects, in-file repeats, parts
+# ---------------------------------------------------------------------------------------------
+_COUNT_FIELDS = ("records_read", "records_rejected", "rows_inserted", "rows_updated", "rows_duplicate")
+
+
+@dataclasses.dataclass(slots=True)
+class Counts:
+    """What happened to records and rows: per part, per file and per run alike."""
+
+    records_read: int = 0
+    records_rejected: int = 0
+    rows_inserted: int = 0
+    rows_updated: int = 0
+    rows_duplicate: int = 0  # already present, or a repeat of a key met earlier in the run
+
+    def __iadd__(self, other: Counts) -> Counts:  # noqa: PYI034
+        for name in _COUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _COUNT_FIELDS}
+
+
+class _Rejects:
+    """Rejects of the file in flight, spooled, then appended to the reject file before it commits.
+
+    Appends are single O_APPEND writes per file part, so worker processes can share the file.
+    """
+
+    def __init__(self, path: Path, run_id: int | None) -> None:
+        self.path, self.run_id = path, run_id
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the reject file {path}: {exc.strerror or exc}") from None
+        self._spool = self._new_spool()
+
+    @staticmethod
+    def _new_spool() -> tempfile.SpooledTemporaryFile:
+        return tempfile.SpooledTemporaryFile(max_size=1 << 22, mode="w+b")
+
+    def add(self, file: str, position: int | None, reason: str, text: str | None = None) -> None:
+        entry = {"run_id": self.run_id, "file": file, "position": position, "reason": reason,
+                 "record": None if text is None else text[:REJECT_RECORD_CHARS]}
+        # A lone surrogate ("\ud800" in the input) cannot be UTF-8: it stays as its escape.
+        self._spool.write(json.dumps(entry, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
+
+    def discard(self) -> None:
+        self._spool.close()
+        self._spool = self._new_spool()
+
+    def publish(self) -> None:
+        """Append what is spooled to the reject file; RejectFileError if it cannot be written."""
+        try:
+            self._spool.seek(0)
+            while chunk := self._spool.read(1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise RejectFileError(f"cannot write the reject file {self.path}: {exc.strerror or exc}") from None
+        finally:
+            self.discard()
+
+    def close(self) -> None:
+        self._spool.close()
+        os.close(self._fd)
+
+
+class _FileRows:
+    """One file's records as the COPY lines of its valid rows: the generator chain of the pipeline.
+
+    ``part()`` yields the lines of the next part: each key once (the first; the database still
+    settles repeats beyond DEDUPE_MAX_KEYS remembered keys), rejects spooled with their reasons.
+    A part ends at the end of the file, or before a row that would make it touch more than
+    PART_CHUNKS chunks. Records up to ``resume_after`` were committed by an earlier run: they are
+    read again (for the digest and the memory of keys) but not sent or counted.
+    """
+
+    def __init__(self, df: DataFile, make_line: _LineMaker, rejects: _Rejects, chunk_seconds: int,
+                 resume_after: int = 0, progress: Callable[[int], object] | None = None) -> None:
+        self.df, self.make_line, self.rejects = df, make_line, rejects
+        self.chunk_seconds, self.resume_after = chunk_seconds, resume_after
+        self.digest = Digest(progress)
+        self.stream = df.records(self.digest)
+        self.records = iter(self.stream)
+        self.counts = Counts()  # of the part in flight: records read and rejected, repeats dropped
+        self.done = resume_after  # the last record handled in a part (committed when the part is)
+        self.finished = False
+        self.seen: dict[str, str] = {}  # key part of a line -> its value part, first occurrence
+        self._pending: tuple[int, object] | None = None  # (position, record) opening the next part
+        self.extra_keys = self.conflicting = 0
+        self.extra_example: str | None = None
+        self.conflict_example: str | None = None
+
+    def part(self) -> Iterator[str]:
+        chunks: set[int] = set()
+        records: Iterator[tuple[int, object]] = self.records
+        if self._pending is not None:  # the record that opened this part, when the last one ended
+            records, self._pending = itertools.chain((self._pending,), records), None
+        counts, seen, resume_after = self.counts, self.seen, self.resume_after
+        for position, obj in records:
+            try:
+                key, tail, epoch = self.make_line(obj)
+            except ValidationError as exc:
+                if position > resume_after:
+                    counts.records_read += 1
+                    counts.records_rejected += 1
+                    self._reject(position, obj, exc)
+                    self.done = position
+                continue
+            if position <= resume_after:  # committed before: only remembered
+                if len(seen) < DEDUPE_MAX_KEYS:
+                    seen.setdefault(key, tail)
+                continue
+            first = seen.get(key)
+            if first is None:
+                chunk = epoch // self.chunk_seconds
+                if chunk not in chunks:
+                    if len(chunks) >= PART_CHUNKS:
+                        self._pending = (position, obj)  # read again, and counted, in the next part
+                        return
+                    chunks.add(chunk)
+            counts.records_read += 1
+            self.done = position
+            if len(obj) > 4:
+                self._extra_keys(obj)
+            if first is not None:
+                counts.rows_duplicate += 1
+                if first != tail:
+                    self._conflict(key, first, tail)
+                continue
+            if len(seen) < DEDUPE_MAX_KEYS:
+                seen[key] = tail
+            yield key + tail
+        self.finished = True
+
+    def take_counts(self) -> Counts:
+        counts, self.counts = self.counts, Counts()
+        return counts
+
+    def _reject(self, position: int, obj: object, exc: ValidationError) -> None:
+        if type(obj) is Unparsable:
+            self.rejects.add(self.df.rel, position, obj.reason, obj.text)
+            return
+        text = self.stream.raw(position)
+        self.rejects.add(self.df.rel, position, _reason_as_written(text, exc, self.make_line.tz), text)
+
+    def _extra_keys(self, obj: dict) -> None:
+        self.extra_keys += 1
+        if self.extra_example is None:
+            self.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
+
+    def _conflict(self, key: str, first: str, value: str) -> None:
+        self.conflicting += 1
+        if self.conflict_example is None:
+            self.conflict_example = f"{key.replace(chr(9), ' ')}: {first.strip()} then {value.strip()}"
+
+    def warn(self) -> None:
+        """Say once per file what the producer should look at; nothing of it is an error."""
+        if self.extra_keys:
+            log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s", self.df.rel,
+                        self.extra_keys, "/".join(REQUIRED_KEYS), self.extra_example)
+        if self.conflicting:
+            more = " at least" if len(self.seen) >= DEDUPE_MAX_KEYS else ""
+            log.warning("%s:%s %d records repeat a key seen earlier in the file with a different value; "
+                        "the first was kept (e.g. %s)", self.df.rel, more, self.conflicting, self.conflict_example,
+                        extra={"fields": {"file": self.df.rel, "conflicting_repeats": self.conflicting}})
+
+    def close(self) -> None:
+        close = getattr(self.records, "close", None)
+        if close is not None:
+            close()
+
+
+def _reason_as_written(text: str, exc: ValidationError, tz: dt.tzinfo) -> str:
+    """The reason for a reject, from the record's own text: a record the fast decoder read is read
+    again carefully, so numbers are quoted as written and a repeated key is named."""
+    if text:
+        try:
+            validate_record(_CAREFUL.decode(text), tz)
+        except ValidationError as careful:
+            return str(careful)
+        except (ValueError, RecursionError):
+            pass
+    return str(exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,21 +1124,86 @@ def _walk_error(exc: OSError) -> None:
 # ---------------------------------------------------------------------------------------------
 def _psycopg2():
     import psycopg2  # imported lazily: validation and --help work without the driver
+    import psycopg2.errors
+    import psycopg2.extensions
 
     return psycopg2
 
 
+def _parse_dsn(dsn: str) -> dict:
+    """DATABASE_URL as libpq reads it; {} if it cannot (the caller has checked it already)."""
+    try:
+        return _psycopg2().extensions.parse_dsn(dsn)
+    except _psycopg2().Error:
+        return {}
+
+
+def _check_dsn(dsn: str) -> dict:
+    """Refuse a DATABASE_URL libpq would misread, without ever quoting it (it holds the password)."""
+    if "://" in dsn:
+        rest = dsn.split("://", 1)[1]
+        userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
+        if rest.count("@") > 1 or any(c in userinfo for c in "/?#"):
+            raise ConfigError("DATABASE_URL: the user name or password holds an unencoded '@', '/', '?' or '#' "
+                              "(percent-encode it: '@' is %40, '/' is %2F); the URL is not shown, as it holds "
+                              "the password")
+    try:
+        return _psycopg2().extensions.parse_dsn(dsn)
+    except _psycopg2().Error:
+        raise ConfigError("DATABASE_URL is not a valid connection URI or key=value string (check '%' escapes "
+                          "and quotes); it is not shown, as it holds the password") from None
+
+
+def _secrets(info: dict) -> list[str]:
+    found = [info.get("password") or ""]
+    if "dsn" in info:
+        found.append(_parse_dsn(info["dsn"]).get("password") or "")
+    return [s for s in found if s]
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _pg_message(exc: BaseException) -> str:
+    """PostgreSQL's whole message: primary text, DETAIL and HINT (one line each, joined)."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    if not primary:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        return " / ".join(lines) if lines else type(exc).__name__
+    parts = [primary]
+    if diag.message_detail:
+        parts.append(f"DETAIL: {diag.message_detail}")
+    if diag.message_hint:
+        parts.append(f"HINT: {diag.message_hint}")
+    return " ".join(parts)
+
+
+_LOGIN_PROBLEMS = ("password authentication failed", "no password supplied", "does not exist",
+                   "authentication failed", "permission denied", "pg_hba.conf")
+
+
 def connect_db(conninfo: dict, *, describe: str = "the database"):
-    """Open a connection (fails within connect_timeout); raise DatabaseError with a clean line."""
+    """Open a connection (fails within connect_timeout); raise ConnectError with the server's words."""
     psycopg2 = _psycopg2()
     info = dict(conninfo)
     info.setdefault("application_name", "fitbit-ingest")
     try:
         conn = psycopg2.connect(**info)
     except psycopg2.Error as exc:
-        first = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), info.get("password"))
-        err = ConnectError(f"cannot connect to {describe}: {first}")
-        err.hint = "is the database running and are POSTGRES_HOST/POSTGRES_PORT (or DATABASE_URL) right?"
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [repr(exc)]
+        said = _redact(" / ".join(lines), _secrets(info))
+        err = ConnectError(f"cannot connect to {describe}: {said}")
+        if any(problem in said for problem in _LOGIN_PROBLEMS):
+            err.exit_code = EXIT_USAGE
+            err.hint = "check POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB (or DATABASE_URL)"
+        elif "FATAL" not in said:
+            err.hint = "is the database running and are POSTGRES_HOST/POSTGRES_PORT (or DATABASE_URL) right?"
         raise err from None
     conn.set_client_encoding("UTF8")
     return conn
@@ -745,108 +1224,173 @@ def apply_schema(conn, schema_sql: str) -> None:
             conn.commit()
             return
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        cur.execute(check, (marker,))  # another loader may have applied it while this one waited
+        if cur.fetchone()[0]:
+            conn.commit()
+            return
         cur.execute(schema_sql)
         cur.execute("COMMENT ON TABLE ingest_runs IS %s", (marker,))
     conn.commit()
 
 
-class _ServerSpoke(Exception):
-    """The server sent something in the middle of COPY: an error, so stop sending."""
+# The contract with downstream readers: these columns, these types, a key on all three.
+_CONTRACT = {"user_id": "text", "metric": "text", "timestamp": "timestamp with time zone",
+             "value": "double precision"}
+_FIXES = {
+    "timestamp": 'ALTER TABLE raw_data ALTER COLUMN "timestamp" TYPE timestamptz USING "timestamp" AT TIME ZONE '
+                 "'UTC' (if the stored times are UTC)",
+    "value": "ALTER TABLE raw_data ALTER COLUMN value TYPE double precision",
+    "user_id": "ALTER TABLE raw_data ALTER COLUMN user_id TYPE text",
+    "metric": "ALTER TABLE raw_data ALTER COLUMN metric TYPE text",
+}
+
+
+def check_table(conn) -> int:
+    """Compare raw_data with the contract in sql/schema.sql before any row is written; return
+    its chunk interval in seconds. A mismatch is a ConfigError naming the column and the fix."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('raw_data') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            raise ConfigError("table raw_data does not exist; run without --no-bootstrap once, or apply "
+                              "sql/schema.sql")
+        cur.execute("SELECT attname, format_type(atttypid, atttypmod), attnotnull, "
+                    "pg_get_expr(d.adbin, d.adrelid) IS NOT NULL OR attidentity <> '' OR attgenerated <> '' "
+                    "FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+                    "WHERE attrelid = 'raw_data'::regclass AND attnum > 0 AND NOT attisdropped")
+        columns = {name: (kind, notnull, has_default) for name, kind, notnull, has_default in cur.fetchall()}
+        for name, expected in _CONTRACT.items():
+            if name not in columns:
+                raise ConfigError(f'raw_data has no column "{name}" ({expected}); it does not match sql/schema.sql')
+            if columns[name][0] != expected:
+                raise ConfigError(f'raw_data column "{name}" is {columns[name][0]}, but the loader writes {expected}; '
+                                  f"writing would lose information. Fix: {_FIXES[name]}")
+        for name, (kind, notnull, has_default) in columns.items():
+            if name not in _CONTRACT and notnull and not has_default:
+                raise ConfigError(f'raw_data has an extra column "{name}" ({kind}) that is NOT NULL without a '
+                                  f"default, so no row can be inserted. Fix: ALTER TABLE raw_data ALTER COLUMN "
+                                  f'"{name}" DROP NOT NULL (or give it a default)')
+        cur.execute("SELECT count(*) FROM pg_index i WHERE i.indrelid = 'raw_data'::regclass AND i.indisunique "
+                    "AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM unnest(i.indkey) AS k(n) "
+                    "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n) "
+                    "= ARRAY['metric', 'timestamp', 'user_id']")
+        if not cur.fetchone()[0]:
+            raise ConfigError('raw_data has no unique key on (user_id, metric, "timestamp"), which exactly-once '
+                              'loading relies on. Fix: CREATE UNIQUE INDEX ON raw_data (user_id, metric, "timestamp") '
+                              "(after removing duplicate rows)")
+        cur.execute("SELECT extract(epoch FROM time_interval)::bigint FROM timescaledb_information.dimensions "
+                    "WHERE hypertable_name = 'raw_data' AND column_name = 'timestamp' "
+                    "AND hypertable_schema = current_schema() LIMIT 1")
+        found = cur.fetchone()
+    conn.commit()
+    return int(found[0]) if found and found[0] else 86_400
 
 
 class _CopySource:
-    """File-like object whose read() hands the next batch of COPY lines to copy_expert.
+    """File-like object whose read() hands copy_expert the next batch of COPY lines.
 
-    A producer thread parses, validates and formats the next batches while the main thread
-    sends the current one (psycopg2 releases the GIL while it sends), so Python and the server
-    work at the same time; memory stays at a few batches whatever the file size. ``watch`` (the
-    connection's socket) makes it stop early when the server reports an error mid-COPY instead
-    of sending the rest of the file first.
+    A producer thread joins lines into batches while the main thread sends the current one
+    (psycopg2 releases the GIL while it sends), so Python and the server work at the same time and
+    memory stays at a few batches. With ``keep``, every batch handed out is also written to a
+    spool, so that after a key conflict the same rows can be sent again (``replay``) without
+    reading the file again. ``watch`` (the connection's socket) ends a COPY early when the server
+    speaks in the middle of it (an error, usually), instead of sending the rest of the file first.
     """
 
-    def __init__(self, lines: Iterable[str], batch_size: int, numbered: bool, watch: int | None = None) -> None:
-        self._lines, self._batch, self._numbered, self._watch = iter(lines), batch_size, numbered, watch
-        self.count = 0
-        self.error: BaseException | None = None
+    def __init__(self, lines: Iterator[str], batch_size: int, keep: bool, pulse: Callable[[], None]) -> None:
+        self._lines, self._batch, self._pulse = lines, batch_size, pulse
+        self.sent = 0  # lines handed out (each once, replays not counted)
+        self.exhausted = False
+        self.error: BaseException | None = None  # raised by the reading: psycopg2 would hide it
+        self.watch: int | None = None
+        self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close())
+            max_size=32 << 20, mode="w+", encoding="utf-8") if keep else None
+        self._keeping, self._replaying = keep, False
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="copy-producer", daemon=True)
+        self._thread.start()
 
     def _produce(self) -> None:
         try:
-            while not self._stop.is_set():
-                batch = self._next_batch()
-                self._queue.put(batch)
-                if not batch:
-                    return
-        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which re-raises it)
+            batch: list[str] = []
+            for line in self._lines:
+                batch.append(line)
+                if len(batch) >= self._batch:
+                    self._queue.put(("".join(batch), len(batch)))
+                    batch = []
+                    if self._stop.is_set():
+                        return
+            self._queue.put(("".join(batch), len(batch)) if batch else None)
+            if batch:
+                self._queue.put(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
             self._queue.put(exc)
 
-    def _next_batch(self) -> str:
-        batch, count = [], self.count
-        for line in self._lines:
-            count += 1
-            batch.append(f"{count}\t{line}" if self._numbered else line)
-            if len(batch) >= self._batch:
-                break
-        self.count = count
-        return "".join(batch)
-
     def read(self, size: int = -1) -> str:
-        try:
-            if self._watch is not None and select.select([self._watch], [], [], 0)[0]:
-                raise _ServerSpoke
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            return item
-        except BaseException as exc:  # also a second SIGINT/SIGTERM: abort the COPY with it
-            self.error = exc  # psycopg2 replaces it by its own error: kept to re-raise
-            raise
+        self._pulse()
+        if self._replaying:
+            chunk = self._spool.read(1 << 20)
+            if chunk:
+                return chunk
+            self._replaying = False
+        if self.exhausted or (self.watch is not None and select.select([self.watch], [], [], 0)[0]):
+            return ""  # ends this COPY; the server's answer says why it spoke
+        item = self._queue.get()
+        if item is None:
+            self.exhausted = True
+            return ""
+        if isinstance(item, BaseException):
+            self.exhausted, self.error = True, item
+            raise item
+        text, count = item
+        self.sent += count
+        if self._keeping:
+            self._spool.write(text)
+        return text
 
-    def _close(self) -> None:
+    def replay(self) -> None:
+        """Hand out again, from the start, what was handed out so far, then the rest."""
+        self._spool.seek(0)
+        self._keeping, self._replaying, self.watch = False, True, None
+
+    def copy(self, cur, sql: str) -> int:
+        """Run COPY with this object as input, until the lines run out; return the rows loaded."""
+        loaded = 0
+        while True:
+            before = self.sent
+            try:
+                cur.copy_expert(sql, self, size=1 << 16)
+            except _psycopg2().Error:
+                error, self.error = self.error, None
+                if error is not None:
+                    raise error from None  # what went wrong in the file, not "COPY failed"
+                raise
+            loaded += cur.rowcount
+            if self.exhausted and not self._replaying:
+                return loaded
+            # The server spoke without an error (a notice, say): go on in another COPY, and stop
+            # watching if the socket stays readable without anything being sent.
+            if self.sent == before:
+                self.watch = None
+
+    def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.05)  # unblock a producer waiting to put
-            except queue.Empty:
-                pass
         self._thread.join()
-        # Close the line generator now (its file, buffers and key memory) rather than whenever a
-        # reference cycle through a stored exception gets collected.
         close = getattr(self._lines, "close", None)
         if close is not None:
             close()
-        self._lines = iter(())
-
-    def copy_into(self, cur, sql: str) -> int:
-        """Run COPY with this object as its input; return the rows the server reports."""
-        self._thread.start()
-        try:
-            cur.copy_expert(sql, self, size=1 << 16)
-        except _psycopg2().Error:
-            error, self.error = self.error, None  # no cycle through self keeps the batches alive
-            if error is not None:
-                raise error from None
-            raise
-        finally:
-            self._close()
-        if cur.rowcount != self.count:
-            raise DatabaseError(f"COPY reported {cur.rowcount} rows, but {self.count} were sent")
-        return cur.rowcount
-
-
-class InsertResult(NamedTuple):
-    inserted: int
-    duplicate: int  # already present (unchanged, in update mode) or repeated earlier in the run
-    updated: int = 0
+        if self._spool is not None:
+            self._spool.close()
 
 
 _STAGE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
-    seq BIGINT NOT NULL, user_id TEXT NOT NULL, metric TEXT NOT NULL,
+    seq BIGINT GENERATED ALWAYS AS IDENTITY, user_id TEXT NOT NULL, metric TEXT NOT NULL,
     ts TIMESTAMPTZ NOT NULL, value DOUBLE PRECISION NOT NULL
-) ON COMMIT DELETE ROWS
+) ON COMMIT DROP
 """
 _FIRST_PER_KEY = """
 SELECT DISTINCT ON (user_id, metric, ts) user_id, metric, ts, value
@@ -876,246 +1420,498 @@ merged AS (
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged
 """
+_COPY_DIRECT = 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN'
+_COPY_STAGE = "COPY ingest_stage (user_id, metric, ts, value) FROM STDIN"
 
 
-def insert_records(conn, rows: Iterable[Row] | Callable[[], Iterable[Row]], *, batch_size: int = 2000,
-                   on_conflict: str = "nothing", run_id: int = 0) -> InsertResult:
-    """Insert rows into raw_data inside the caller's transaction.
+def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_conflict: str = "nothing",
+                   run_id: int = 0, direct: bool = True, pulse: Callable[[], None] = lambda: None) -> Counts:
+    """Insert rows, given as COPY text lines (``_copy_line(row)``), into raw_data inside the
+    caller's transaction; return what the database reports: rows inserted, updated, duplicate.
 
-    ``on_conflict="nothing"`` keeps existing rows; ``"update"`` stores the new value where the key
-    exists with a different one (``run_id`` names the run, whose earlier keys are not overwritten).
-    ``rows`` may be a zero-argument callable that returns a fresh iterable each call: then, in
-    "nothing" mode, the rows are first COPY'd straight into raw_data (the fast path), and only if
-    a key already exists is that attempt rolled back to a savepoint and the rows sent again
-    through a staging table, where the first occurrence of a key wins. Counts come from what the
-    database reports for each statement.
+    ``on_conflict="nothing"`` keeps existing rows: the lines are first COPY'd straight into
+    raw_data (the fast path, unless ``direct`` is False), and only if a key is already present is
+    that attempt rolled back to a savepoint and the same lines sent through a staging table, where
+    the first occurrence of a key wins. ``"update"`` always stages, and stores the new value where
+    the key exists with a different one (keys written earlier in run ``run_id`` are left alone).
     """
-    if callable(rows):
-        make_rows = rows
-        return _insert_lines(conn, lambda: map(_copy_line, make_rows()), batch_size, on_conflict, run_id)
-    return _insert_lines(conn, map(_copy_line, rows), batch_size, on_conflict, run_id)
-
-
-def _insert_lines(conn, lines: Iterable[str] | Callable[[], Iterable[str]], batch_size: int,
-                  on_conflict: str, run_id: int, direct: bool = True) -> InsertResult:
-    with conn.cursor() as cur:
-        if callable(lines) and on_conflict == "nothing" and direct:
-            cur.execute("SAVEPOINT ingest_direct")
-            try:
-                copied = _CopySource(lines(), batch_size, numbered=False, watch=conn.fileno()).copy_into(
-                    cur, 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN')
-            except (_psycopg2().errors.UniqueViolation, _ServerSpoke):
-                cur.execute("ROLLBACK TO SAVEPOINT ingest_direct")
+    unique_violation = _psycopg2().errors.UniqueViolation
+    source = _CopySource(iter(lines), batch_size, keep=direct and on_conflict == "nothing", pulse=pulse)
+    try:
+        with conn.cursor() as cur:
+            if direct and on_conflict == "nothing":
+                cur.execute("SAVEPOINT ingest_direct")
+                source.watch = conn.fileno()
+                try:
+                    copied = source.copy(cur, _COPY_DIRECT)
+                except unique_violation:
+                    cur.execute("ROLLBACK TO SAVEPOINT ingest_direct")
+                    source.replay()
+                else:
+                    cur.execute("RELEASE SAVEPOINT ingest_direct")
+                    _check_sent(copied, source.sent)
+                    return Counts(rows_inserted=copied)
+            cur.execute(_STAGE_SQL)
+            staged = source.copy(cur, _COPY_STAGE)
+            _check_sent(staged, source.sent)
+            pulse()
+            cur.execute("SET LOCAL work_mem = '256MB'")
+            if on_conflict == "update":
+                cur.execute(_MERGE_UPDATE_SQL, {"run_id": run_id})
+                inserted, updated = cur.fetchone()
             else:
-                cur.execute("RELEASE SAVEPOINT ingest_direct")
-                return InsertResult(copied, 0)
-        cur.execute(_STAGE_SQL)
-        staged = _CopySource(lines() if callable(lines) else lines, batch_size, numbered=True).copy_into(
-            cur, "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN")
-        cur.execute("SET LOCAL work_mem = '256MB'")
-        if on_conflict == "update":
-            cur.execute(_MERGE_UPDATE_SQL, {"run_id": run_id})
-            inserted, updated = cur.fetchone()
-        else:
-            cur.execute(_MERGE_NOTHING_SQL)
-            inserted, updated = cur.rowcount, 0
-        cur.execute("TRUNCATE ingest_stage")
-        return InsertResult(inserted, staged - inserted - updated, updated)
+                cur.execute(_MERGE_NOTHING_SQL)
+                inserted, updated = cur.rowcount, 0
+            cur.execute("TRUNCATE ingest_stage")
+            return Counts(rows_inserted=inserted, rows_updated=updated, rows_duplicate=staged - inserted - updated)
+    finally:
+        source.close()
+
+
+def _check_sent(loaded: int, sent: int) -> None:
+    if loaded != sent:
+        raise DatabaseError(f"COPY reported {loaded} rows, but {sent} were sent")
 
 
 # ---------------------------------------------------------------------------------------------
-# Orchestration
+# Stopping: signals and stalls
 # ---------------------------------------------------------------------------------------------
-COUNTS = ("records_read", "records_rejected", "rows_inserted", "rows_updated", "rows_duplicate")
+class _Stop:
+    """The one way a run stops early.
+
+    A first SIGINT/SIGTERM asks the run to stop after the file in flight. A second one, or a
+    database call that shows no progress for ``stall_timeout`` seconds (STOP_GRACE_SECONDS once a
+    stop was asked), cuts the connection in flight: the statement fails at once, and its file rolls
+    back whole. After a stall the loader reconnects and retries; after a signal it exits 130/143.
+
+    Signals reach a watchdog thread through ``signal.set_wakeup_fd``, so all of this works while
+    the main thread is blocked inside libpq (a frozen server, a full socket buffer). ``forward`` is
+    called with each signal (the parent process passes it on to its workers).
+    """
+
+    def __init__(self, stall_timeout: float, forward: Callable[[int], None] | None = None) -> None:
+        self.stall_timeout, self.forward = stall_timeout, forward
+        self.signum: int | None = None
+        self.aborted = False  # a second signal came: whatever error it surfaces as, it means "stop now"
+        self.stalled = False  # the connection was cut for a stall: a lost connection, retried
+        self.event = threading.Event()  # set by the first signal: sleeps between retries end early
+        self._fd: int | None = None  # the socket of the connection being watched
+        self._last = 0.0  # when the watched call last made progress
+        self._pipe = os.pipe()
+        self._done = threading.Event()
+        self._old: dict = {}
+        self._thread = threading.Thread(target=self._watch, name="stop-watchdog", daemon=True)
+
+    # --- installed by main (or a worker process), removed when it ends --------------------------
+    def install(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> _Stop:
+        os.set_blocking(self._pipe[1], False)
+        for sig in signals:
+            self._old[sig] = signal.signal(sig, self._ignore)
+        self._old_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        self._thread.start()
+        return self
+
+    def uninstall(self) -> None:
+        self._done.set()
+        self._thread.join()
+        signal.set_wakeup_fd(self._old_wakeup)
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        for fd in self._pipe:
+            os.close(fd)
+
+    @staticmethod
+    def _ignore(signum, frame) -> None:
+        """The Python-level handler does nothing: the watchdog thread has already seen the signal."""
+
+    # --- used by the loader ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def watching(self, conn) -> Iterator[None]:
+        """Database calls inside may be cut when they stall or a second signal comes."""
+        self.stalled = False
+        self._last, self._fd = time.monotonic(), conn.fileno()
+        try:
+            yield
+        finally:
+            self._fd = None
+
+    def pulse(self) -> None:
+        """The watched call made progress (a batch handed to COPY, a statement started)."""
+        self._last = time.monotonic()
+
+    def check(self) -> None:
+        """Raise Interrupted if a second signal came (for loops that touch no database)."""
+        if self.aborted:
+            raise Interrupted(self.signum or signal.SIGINT, "in the middle of a file (it was rolled back)")
+
+    # --- the watchdog thread ---------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            if select.select([self._pipe[0]], [], [], 0.25)[0]:
+                for signum in os.read(self._pipe[0], 64):
+                    self._signal(signum)
+            fd, limit = self._fd, STOP_GRACE_SECONDS if self.signum is not None else self.stall_timeout
+            if fd is not None and limit and time.monotonic() - self._last > limit:
+                if self.signum is not None:
+                    self.aborted = True
+                    log.warning("the database did not answer for %.0fs after the stop request: cancelling", limit)
+                else:
+                    self.stalled = True
+                    log.warning("no progress from the database for %.0fs (STALL_TIMEOUT): dropping the connection",
+                                limit)
+                self._cut(fd)
+
+    def _signal(self, signum: int) -> None:
+        if signum not in (signal.SIGINT, signal.SIGTERM):
+            return
+        if self.forward is not None:
+            self.forward(signum)
+        if self.signum is None:
+            self.signum = signum
+            self.event.set()
+            log.warning("received %s: stopping after the current file (a second signal stops at once)",
+                        signal.Signals(signum).name)
+            return
+        self.aborted = True
+        log.warning("received %s again: stopping now; the file in flight is rolled back",
+                    signal.Signals(signum).name)
+        fd = self._fd
+        if fd is not None:
+            self._cut(fd)
+
+    def _cut(self, fd: int) -> None:
+        """Shut the socket down under libpq: a blocked send or receive returns with an error at once."""
+        self._fd = None
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=os.dup(fd))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration: one file, then a run
+# ---------------------------------------------------------------------------------------------
+# A file's status in a run: loaded; skipped (unchanged since it loaded); failed (in this run);
+# failed_before (unchanged since its bytes failed: not loaded); busy (another loader has it);
+# checked (--dry-run).
+FILE_STATUSES = ("loaded", "skipped", "failed", "failed_before", "busy", "checked")
 
 
 @dataclasses.dataclass(slots=True)  # one per file in the summary: 100,000 files stay small
 class FileResult:
     file: str
-    status: str = "loaded"  # loaded | failed | skipped (unchanged) | busy (claimed by another loader)
-    records_read: int = 0
-    records_rejected: int = 0
-    rows_inserted: int = 0
-    rows_updated: int = 0
-    rows_duplicate: int = 0
+    status: str
+    counts: Counts = dataclasses.field(default_factory=Counts)
     error: str | None = None
     seconds: float = 0.0
+
+    def fields(self) -> dict:
+        return {"file": self.file, "status": self.status, **self.counts.as_dict(), "error": self.error,
+                "seconds": self.seconds}
 
 
 @dataclasses.dataclass
 class Summary:
     run_id: int | None = None
-    files_seen: int = 0
-    files_loaded: int = 0
-    files_skipped: int = 0
-    files_busy: int = 0
-    files_failed: int = 0
-    files_checked: int = 0  # --dry-run
-    records_read: int = 0
-    records_rejected: int = 0
-    rows_inserted: int = 0
-    rows_updated: int = 0
-    rows_duplicate: int = 0
+    files: Counter = dataclasses.field(default_factory=Counter)  # status -> number of files
+    counts: Counts = dataclasses.field(default_factory=Counts)
     seconds: float = 0.0
     status: str = "running"
     error: str | None = None
-    files: list = dataclasses.field(default_factory=list)
+    results: list[FileResult] = dataclasses.field(default_factory=list)
 
     def add(self, result: FileResult) -> None:
-        self.files_seen += 1
-        self.files.append(result)
-        key = f"files_{result.status}"
-        setattr(self, key, getattr(self, key) + 1)
-        if result.status in ("loaded", "checked"):
-            for name in COUNTS:
-                setattr(self, name, getattr(self, name) + getattr(result, name))
+        self.results.append(result)
+        self.files[result.status] += 1
+        self.counts += result.counts
 
-    def line(self) -> str:
-        keys = ("files_seen", "files_loaded", "files_skipped", "files_busy", "files_failed", *COUNTS)
-        if self.files_checked:
-            keys = ("files_seen", "files_checked", "files_failed", "records_read", "records_rejected")
-        return " ".join(f"{k}={getattr(self, k)}" for k in keys) + f" seconds={self.seconds:.2f}"
+    @property
+    def not_loaded(self) -> int:
+        """Files under DATA_DIR this run leaves unloaded: failed, failed before, or held elsewhere."""
+        return self.files["failed"] + self.files["failed_before"] + self.files["busy"]
 
     def fields(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "files"}
-        return {"event": "summary", **data}
+        files = {f"files_{status}": self.files[status] for status in FILE_STATUSES}
+        return {"run_id": self.run_id, "files_seen": len(self.results), **files, **self.counts.as_dict(),
+                "seconds": self.seconds, "status": self.status, "error": self.error}
+
+    def line(self) -> str:
+        data = self.fields()
+        keys = ["files_seen", "files_loaded", "files_skipped", "files_failed", "files_failed_before", "files_busy",
+                *_COUNT_FIELDS]
+        if self.files["checked"]:
+            keys = ["files_seen", "files_checked", "files_failed", "records_read", "records_rejected", "rows_duplicate"]
+        return " ".join(f"{k}={data[k]}" for k in keys) + f" seconds={self.seconds:.2f}"
 
 
-class _RejectLog:
-    """Rejects of the current file, spooled, then appended to the reject file after it commits.
+_MANIFEST_COLUMNS = ("size, mtime_ns, sha256, status, error, records_done, records_read, records_rejected, "
+                     "rows_inserted, rows_updated, rows_duplicate")
+# Claim a file: its manifest row, made if missing, locked for this transaction. A row another
+# loader holds (or is making) answers "lock not available" after lock_timeout: the file is busy.
+# Row locks are exact: two different paths never block each other.
+_CLAIM_SQL = f"""
+SET LOCAL synchronous_commit = off;
+SET LOCAL statement_timeout = %(timeout_ms)s;
+SET LOCAL lock_timeout = %(wait_ms)s;
+INSERT INTO ingest_files (path, size, mtime_ns, status) VALUES (%(path)s, -1, -1, 'new') ON CONFLICT DO NOTHING;
+SELECT {_MANIFEST_COLUMNS} FROM ingest_files WHERE path = %(path)s FOR UPDATE
+"""
+_MANIFEST_UPDATE = """
+UPDATE ingest_files SET size = %(size)s, mtime_ns = %(mtime_ns)s, sha256 = %(sha256)s, status = %(status)s,
+    error = %(error)s, records_done = %(records_done)s, records_read = %(records_read)s,
+    records_rejected = %(records_rejected)s, rows_inserted = %(rows_inserted)s, rows_updated = %(rows_updated)s,
+    rows_duplicate = %(rows_duplicate)s, loaded_at = now(), run_id = %(run_id)s
+WHERE path = %(path)s
+"""
 
-    Appends are single O_APPEND writes per file, so several worker processes can share the file.
-    """
 
-    def __init__(self, path: Path, run_id: int | None) -> None:
-        self.path, self.run_id = path, run_id
+class _Lost(Exception):
+    """The connection was lost or stalled: the file is tried again over a new one."""
+
+
+class _Claim(NamedTuple):
+    """A file claimed for loading: where to start, and what earlier parts already did."""
+
+    stat: os.stat_result
+    resume_after: int  # records committed by an earlier, unfinished load of the same bytes
+    counts: Counts  # what those records did
+    direct: bool  # try the direct COPY (False: the file loaded before, its keys are mostly there)
+
+
+class _Loader:
+    """Loads files one at a time over its own connection; one per process."""
+
+    def __init__(self, cfg: Config, run_id: int | None, stop: _Stop, chunk_seconds: int,
+                 known: dict | None = None, progress: _Progress | None = None) -> None:
+        self.cfg, self.run_id, self.stop, self.chunk_seconds = cfg, run_id, stop, chunk_seconds
+        self.known = known or {}  # manifest at the start of the run: path -> (size, mtime_ns, status, error)
+        self.progress = progress
+        self.rejects = _Rejects(cfg.reject_file, run_id)
+        self.make_line = _LineMaker(cfg.source_tz)
+        self.conn = None
+        self.heartbeat_at = time.monotonic()
+        self.in_file = False  # inside a claimed file's transaction, after its savepoint
+        self.committed = (0, Counts())  # the file in flight: records done and counts, as committed
+
+    # --- the pipeline for one file ---------------------------------------------------------------
+    def _load_file(self, conn, df: DataFile, wait_ms: int) -> FileResult:
+        """Claim → read and validate → insert → record → commit (per part: usually one)."""
+        claim = self._claim(conn, df, wait_ms)
+        if isinstance(claim, FileResult):
+            return claim  # unchanged, unchanged and bad, or another loader's
+        rows = _FileRows(df, self.make_line, self.rejects, self.chunk_seconds, claim.resume_after,
+                         self.progress.reading(df) if self.progress else None)
+        total = claim.counts
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the reject file {path}: {exc.strerror or exc}") from None
-        self._spool = io.StringIO()
-
-    def add(self, file: str, position: int | None, reason: str, record: object = None) -> None:
-        entry = {"run_id": self.run_id, "file": file, "position": position, "reason": reason,
-                 "record": _quote(record)}
-        line = json.dumps(entry, ensure_ascii=False)
-        if not line.isascii():  # a lone surrogate ("\ud800") cannot be UTF-8: keep it as its escape
-            line = line.encode("utf-8", "backslashreplace").decode("utf-8")
-        self._spool.write(line + "\n")
-        if self._spool.tell() > 1 << 22:  # keep memory bounded on a file full of rejects
-            self._spill()
-
-    def _spill(self) -> None:
-        if not hasattr(self, "_disk"):
-            self._disk = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 (closed in discard)
-        self._disk.write(self._spool.getvalue())
-        self._spool = io.StringIO()
-
-    def discard(self) -> None:
-        self._spool = io.StringIO()
-        if hasattr(self, "_disk"):
-            self._disk.close()
-            del self._disk
-
-    def publish(self) -> None:
-        try:
-            if hasattr(self, "_disk"):
-                self._spill()
-                self._disk.seek(0)
-                while chunk := self._disk.read(1 << 20):
-                    _write_all(self._fd, chunk.encode("utf-8"))
-            else:
-                _write_all(self._fd, self._spool.getvalue().encode("utf-8"))
-        except OSError as exc:
-            raise RejectFileError(f"cannot write the reject file {self.path}: {exc.strerror or exc}") from None
+            while True:
+                part = insert_records(conn, rows.part(), batch_size=self.cfg.batch_size,
+                                      on_conflict=self.cfg.on_conflict, run_id=self.run_id or 0,
+                                      direct=claim.direct, pulse=self.stop.pulse)
+                part += rows.take_counts()
+                total += part
+                status = "loaded" if rows.finished else "partial"
+                sha256 = rows.digest.hexdigest() if rows.finished else None
+                self._record(conn, df, claim.stat, status, total, rows.done, sha256)
+                self._commit(conn)  # the part's rejects first, then its rows and manifest row
+                self.committed = (rows.done, dataclasses.replace(total))
+                if rows.finished:
+                    break
+                if not self._reclaim(conn, df, rows.done):
+                    return FileResult(df.rel, "busy", total, "another loader took over between its parts")
         finally:
-            self.discard()
+            rows.close()
+        rows.warn()
+        return FileResult(df.rel, "loaded", total)
+
+    def _claim(self, conn, df: DataFile, wait_ms: int) -> _Claim | FileResult:
+        try:
+            st = df.path.stat()
+        except OSError as exc:
+            raise FileReadError(f"cannot read file: {exc.strerror or exc}") from None
+        seen = self.known.get(df.rel)
+        if seen and not self.cfg.force and seen[:2] == (st.st_size, st.st_mtime_ns) and seen[2] in ("loaded", "failed"):
+            return _unchanged_result(df, seen[2], seen[3])  # from the run-start snapshot: no round trip
+        psycopg2 = _psycopg2()
+        with conn.cursor() as cur:
+            try:
+                cur.execute(_CLAIM_SQL, {"path": df.rel, "timeout_ms": self.cfg.statement_timeout * 1000,
+                                         "wait_ms": wait_ms})
+            except psycopg2.errors.LockNotAvailable:
+                conn.rollback()
+                return FileResult(df.rel, "busy")
+            size, mtime_ns, sha256, status, error, done, *counts = cur.fetchone()
+            same = size == st.st_size and (mtime_ns == st.st_mtime_ns or (
+                sha256 is not None and _file_sha256(df.path) == sha256))
+            if same and mtime_ns != st.st_mtime_ns:
+                cur.execute("UPDATE ingest_files SET mtime_ns = %s WHERE path = %s", (st.st_mtime_ns, df.rel))
+            if same and status in ("loaded", "failed") and not self.cfg.force:
+                conn.commit()
+                return _unchanged_result(df, status, error)
+            cur.execute("SET LOCAL lock_timeout = 0; SAVEPOINT ingest_file")  # only the claim waits briefly
+        self.in_file = True
+        if same and status in ("partial", "error") and done:
+            log.info("%s: resuming after record %d (committed by an earlier run)", df.rel, done)
+            self.committed = (done, Counts(*counts))
+            return _Claim(st, done, Counts(*counts), direct=True)
+        self.committed = (0, Counts())
+        return _Claim(st, 0, Counts(), direct=status not in ("loaded", "failed"))
+
+    def _reclaim(self, conn, df: DataFile, done: int) -> bool:
+        """After a part's commit: lock the file again, unless another loader took it over."""
+        psycopg2 = _psycopg2()
+        with conn.cursor() as cur:
+            try:
+                cur.execute(_CLAIM_SQL, {"path": df.rel, "timeout_ms": self.cfg.statement_timeout * 1000,
+                                         "wait_ms": CLAIM_WAIT_MS})
+            except psycopg2.errors.LockNotAvailable:
+                conn.rollback()
+                return False
+            if cur.fetchone()[5] != done:
+                conn.rollback()
+                return False
+            cur.execute("SET LOCAL lock_timeout = 0; SAVEPOINT ingest_file")  # only the claim waits briefly
+        return True
+
+    def _record(self, conn, df: DataFile, st: os.stat_result, status: str, counts: Counts, done: int,
+                sha256: str | None, error: str | None = None) -> None:
+        with conn.cursor() as cur:
+            cur.execute(_MANIFEST_UPDATE, {"path": df.rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                           "sha256": sha256, "status": status, "error": error, "records_done": done,
+                                           "run_id": self.run_id, **counts.as_dict()})
+
+    def _commit(self, conn) -> None:
+        """Rejects are written before the rows commit: if they cannot be, the file rolls back
+        (nothing is lost; a crash between the two can repeat reject lines, never rows)."""
+        try:
+            self.rejects.publish()
+        except RejectFileError:
+            _rollback(conn)
+            raise
+        conn.commit()
+        self.in_file = False
+
+    # --- around the pipeline: retries and failures -----------------------------------------------
+    def load(self, df: DataFile, wait_ms: int = CLAIM_WAIT_MS) -> FileResult:
+        """Load one file. A lost (or stalled) connection is retried with backoff; any other
+        failure is the file's alone: it is rolled back, recorded with its reason, and the run goes on.
+        ``wait_ms``: how long to wait for the file when another loader holds it."""
+        started, delay = time.monotonic(), RETRY_FIRST_DELAY
+        if df.error:
+            return FileResult(df.rel, "failed", error=df.error)
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                result = self._attempt(df, wait_ms, retrying=attempt > 1)
+            except _Lost as lost:
+                self._drop_connection()
+                if attempt == RETRY_ATTEMPTS:
+                    raise DatabaseError(f"while loading {df.rel}: {lost} (gave up after {attempt} attempts)") from None
+                log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", df.rel, lost, delay, attempt + 1,
+                            RETRY_ATTEMPTS)
+                if self.stop.event.wait(delay):
+                    raise Interrupted(self.stop.signum or signal.SIGTERM) from None
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                continue
+            result.seconds = round(time.monotonic() - started, 3)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(self, df: DataFile, wait_ms: int, retrying: bool) -> FileResult:
+        """One try of the pipeline; the file's own failures become a failed result. Raises _Lost
+        when the connection was lost or stalled, or the lost one still holds the file's claim."""
+        self.in_file = False
+        try:
+            conn = self._connection()
+            with self.stop.watching(conn):
+                result = self._load_file(conn, df, wait_ms)
+        except (FileFormatError, FileReadError) as exc:
+            return self._fail(df, exc, "failed" if isinstance(exc, FileFormatError) else "error")
+        except OSError as exc:  # a spool on a full disk, say: the file's problem, tried again next run
+            return self._fail(df, FileReadError(f"I/O error: {exc.strerror or exc}"), "error")
+        except ConnectError as exc:
+            if exc.exit_code == EXIT_USAGE:
+                raise
+            raise _Lost(str(exc)) from None
+        except _psycopg2().Error as exc:
+            self.rejects.discard()
+            self.stop.check()
+            if self.stop.stalled:
+                raise _Lost("no progress from the database for STALL_TIMEOUT") from None
+            if _is_transient(exc):
+                raise _Lost(_pg_message(exc)) from None
+            return self._fail(df, exc, "error")
+        if result.status == "busy" and retrying:
+            raise _Lost("the file is still claimed by this loader's lost connection")
+        return result
+
+    def _fail(self, df: DataFile, exc: BaseException, status: str) -> FileResult:
+        """Roll the file back (to its claim), record why, and go on. ``status`` is "failed" when the
+        cause is in the file's bytes (skipped until they change), "error" when it may go away."""
+        reason = str(exc) if isinstance(exc, IngestError) else f"the database refused it: {_pg_message(exc)}"
+        self.rejects.discard()
+        self.rejects.add(df.rel, None, f"file failed: {reason}")
+        result = FileResult(df.rel, "failed", error=reason)
+        conn = self.conn
+        if conn is not None and not conn.closed and self.in_file:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK TO SAVEPOINT ingest_file")
+                done, counts = self.committed
+                self._record(conn, df, df.path.stat(), status, counts, done, None, reason)
+                self._commit(conn)
+                return result
+            except (OSError, _psycopg2().Error):
+                pass  # the failure is still reported; the file is tried again next run
+        if conn is not None and not conn.closed:
+            _rollback(conn)
+        self.rejects.publish()
+        return result
+
+    def _connection(self):
+        if self.conn is None or self.conn.closed:
+            self.conn = connect_db(self.cfg.conninfo, describe=self.cfg.describe_db())
+        return self.conn
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            _rollback(self.conn)
+            self.conn.close()
+        self.conn = None
+
+    def heartbeat(self) -> None:
+        """Between files, at most every HEARTBEAT_SECONDS: this run is alive (see _start_run)."""
+        if time.monotonic() - self.heartbeat_at >= HEARTBEAT_SECONDS and self.run_id is not None:
+            self.heartbeat_at = time.monotonic()
+            with contextlib.suppress(_psycopg2().Error, IngestError):
+                _heartbeat(self._connection(), self.run_id)
 
     def close(self) -> None:
-        self.discard()
-        os.close(self._fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _quote(record: object) -> str | None:
-    if record is None:
-        return None
-    text = record.text if isinstance(record, Unparsable) else None
-    if text is None:
+        """End the connection: a last synchronous commit makes every earlier one durable."""
+        self.rejects.close()
+        if self.conn is None or self.conn.closed:
+            return
+        psycopg2 = _psycopg2()
         try:
-            text = json.dumps(record, ensure_ascii=False)
-        except (TypeError, ValueError, RecursionError):
-            text = repr(record)
-    return text[:REJECT_RECORD_CHARS]
+            if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                with self.conn.cursor() as cur:
+                    # Files commit without waiting for their WAL flush (a crash can undo the last
+                    # fraction of a second of commits: whole files with their manifest rows, loaded
+                    # again next run); this synchronous commit flushes all of them.
+                    cur.execute("SET LOCAL synchronous_commit = on; SELECT txid_current()")
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        except psycopg2.Error as exc:
+            log.warning("could not flush the last commits to disk: %s", _pg_message(exc))
+        finally:
+            self.conn.close()
 
 
-class _FileStats:
-    """Counts for one pass over one file (a second pass starts from zero)."""
-
-    def __init__(self) -> None:
-        self.read = self.rejected = self.extra_keys = self.repeated = self.conflicting = 0
-        self.extra_example: str | None = None
-        self.conflict_example: str | None = None
-        self.digest = Digest()
-        self.seen: dict[str, str] = {}  # key part of a COPY line -> its value part, first occurrence
-
-    def repeat(self, key: str, first: str, value: str) -> None:
-        """Note a record whose key an earlier record of the file had (with value ``first``)."""
-        self.repeated += 1
-        if first != value:
-            self.conflicting += 1
-            if self.conflict_example is None:
-                self.conflict_example = f"{key.replace(chr(9), ' ')}: {first.strip()} then {value.strip()}"
-
-
-def _valid_lines(df: DataFile, make_line: _LineMaker, rejects: _RejectLog, stats: _FileStats) -> Iterator[str]:
-    """The file's valid records as COPY lines, each key once (the first; the database still
-    settles repeats beyond the remembered keys); rejects are spooled with their reasons."""
-    seen = stats.seen
-    for position, obj in df.records(stats.digest):
-        stats.read += 1
-        if type(obj) is Unparsable:
-            stats.rejected += 1
-            rejects.add(df.rel, position, obj.reason, obj)
-            continue
-        try:
-            key, tail = make_line(obj)
-        except ValidationError as exc:
-            stats.rejected += 1
-            rejects.add(df.rel, position, str(exc), obj)
-            continue
-        if len(obj) > 4:
-            stats.extra_keys += 1
-            if stats.extra_example is None:
-                stats.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
-        first = seen.get(key)
-        if first is None:
-            if len(seen) < DEDUPE_MAX_KEYS:
-                seen[key] = tail
-            yield key + tail
-        else:
-            stats.repeat(key, first, tail)
-
-
-_MANIFEST_UPSERT = """
-INSERT INTO ingest_files (path, size, mtime_ns, sha256, status, records_read, records_rejected,
-                          rows_inserted, rows_updated, rows_duplicate, error, loaded_at, run_id)
-VALUES (%(path)s, %(size)s, %(mtime_ns)s, %(sha256)s, %(status)s, %(records_read)s,
-        %(records_rejected)s, %(rows_inserted)s, %(rows_updated)s, %(rows_duplicate)s, %(error)s,
-        now(), %(run_id)s)
-ON CONFLICT (path) DO UPDATE SET
-    size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256,
-    status = EXCLUDED.status, records_read = EXCLUDED.records_read,
-    records_rejected = EXCLUDED.records_rejected, rows_inserted = EXCLUDED.rows_inserted,
-    rows_updated = EXCLUDED.rows_updated, rows_duplicate = EXCLUDED.rows_duplicate,
-    error = EXCLUDED.error, loaded_at = EXCLUDED.loaded_at, run_id = EXCLUDED.run_id
-"""
+def _unchanged_result(df: DataFile, status: str, error: str | None) -> FileResult:
+    if status == "failed":
+        return FileResult(df.rel, "failed_before", error=f"unchanged since it failed: {error}")
+    return FileResult(df.rel, "skipped")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -1128,272 +1924,57 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-class _Loader:
-    """Loads files one at a time over its own connection; one per process."""
-
-    def __init__(self, cfg: Config, run_id: int | None, progress: _Progress | None = None,
-                 known: dict | None = None) -> None:
-        self.cfg, self.run_id, self.progress = cfg, run_id, progress
-        self.known = known or {}  # manifest at the start of the run: path -> (size, mtime_ns, status, error)
-        self.rejects = _RejectLog(cfg.reject_file, run_id)
-        self.make_line = _LineMaker(cfg.source_tz)
-        self.conn = None
-
-    def close(self) -> None:
-        self.rejects.close()
-        if self.conn is None or self.conn.closed:
-            return
-        psycopg2 = _psycopg2()
-        try:
-            if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                self._flush_commits()
-            else:  # stopped inside a file: it rolls back whole
-                self.conn.rollback()
-        except psycopg2.Error as exc:
-            log.warning("could not flush the last commits to disk: %s", _first_line(exc))
-        finally:
-            self.conn.close()
-
-    def _connection(self):
-        if self.conn is None or self.conn.closed:
-            self.conn = connect_db(self.cfg.conninfo, describe=self.cfg.describe_db())
-            # Each file commits without waiting for its WAL flush: a server crash can undo the
-            # last fraction of a second of commits, always a whole file with its manifest row, so
-            # the next run simply loads those files again. close() ends with a synchronous commit,
-            # so a finished run is durable. This saves an fsync per file (many small files).
-            with self.conn.cursor() as cur:
-                cur.execute("SET synchronous_commit = off")
-            self.conn.commit()
-        return self.conn
-
-    def _flush_commits(self) -> None:
-        """A synchronous commit flushes the WAL of every earlier asynchronous one."""
-        with self.conn.cursor() as cur:
-            cur.execute("SET LOCAL synchronous_commit = on")
-            cur.execute("SELECT txid_current()")  # a write-transaction, so its commit waits for the flush
-        self.conn.commit()
-
-    def load(self, df: DataFile) -> FileResult:
-        """Load one file; on a transient database error reconnect and retry it, with backoff."""
-        started, delay = time.monotonic(), RETRY_FIRST_DELAY
-        for attempt in range(1, RETRY_ATTEMPTS + 1):
-            try:
-                result = self._load_once(df)
-                result.seconds = round(time.monotonic() - started, 3)
-                return result
-            except ConnectError as exc:  # reconnecting after a lost connection
-                if attempt == RETRY_ATTEMPTS:
-                    raise DatabaseError(f"while loading {df.rel}: {exc} (gave up after {attempt} attempts)") from None
-                error = exc
-            except IngestError:
-                raise
-            except Exception as exc:
-                self.rejects.discard()
-                if _Stop.aborted:  # psycopg2 reports an interrupted COPY as its own error
-                    raise KeyboardInterrupt from None
-                if not _is_transient(exc) or attempt == RETRY_ATTEMPTS:
-                    self._drop_connection()
-                    suffix = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
-                    raise DatabaseError(f"while loading {df.rel}: {_first_line(exc)}{suffix}") from exc
-                error = exc
-            log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", df.rel, _first_line(error),
-                        delay, attempt + 1, RETRY_ATTEMPTS)
-            self._drop_connection()
-            time.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _drop_connection(self) -> None:
-        if self.conn is not None:
-            _rollback(self.conn)
-            self.conn.close()
-        self.conn = None
-
-    def _load_once(self, df: DataFile) -> FileResult:
-        try:
-            st = df.path.stat()
-        except OSError as exc:
-            return self._fail(None, df, None, f"cannot read file: {exc.strerror or exc}")
-        seen = self.known.get(df.rel)
-        if seen and not self.cfg.force and seen[:2] == (st.st_size, st.st_mtime_ns):
-            # In the manifest as it was when the run started, and untouched since: no claim needed.
-            return FileResult(df.rel, "skipped", error=f"it failed before: {seen[3]}" if seen[2] == "failed" else None)
-        conn = self._connection()
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (FILE_LOCK_NS, df.rel))
-            if not cur.fetchone()[0]:
-                conn.rollback()
-                return FileResult(df.rel, "busy")
-            cur.execute("SELECT size, mtime_ns, sha256, status, error FROM ingest_files WHERE path = %s",
-                        (df.rel,))
-            known = cur.fetchone()
-            if known and not self.cfg.force and _unchanged(cur, df, st, known):
-                conn.commit()
-                note = f"it failed before: {known[4]}" if known[3] == "failed" else None
-                return FileResult(df.rel, "skipped", error=note)
-            cur.execute("SAVEPOINT ingest_file")
-        # A file loaded before (changed, or --force) will mostly find its keys present: staging
-        # straight away saves a direct COPY that would fail.
-        return self._insert(conn, df, st, direct=not (known and known[3] == "loaded"))
-
-    def _insert(self, conn, df: DataFile, st: os.stat_result, direct: bool) -> FileResult:
-        stats = _FileStats()
-
-        def fresh_lines() -> Iterator[str]:
-            nonlocal stats
-            stats = _FileStats()
-            self.rejects.discard()
-            if self.progress is not None:
-                self.progress.file_started(df, stats)
-            return _valid_lines(df, self.make_line, self.rejects, stats)
-
-        psycopg2 = _psycopg2()
-        try:
-            res = _insert_lines(conn, fresh_lines, self.cfg.batch_size, self.cfg.on_conflict, self.run_id or 0,
-                                direct)
-        except FileFormatError as exc:
-            return self._fail(conn, df, st, str(exc))
-        except (psycopg2.errors.DataError, psycopg2.errors.IntegrityError) as exc:
-            return self._fail(conn, df, st, f"the database refused its rows: {_first_line(exc)}")
-        result = FileResult(df.rel, "loaded", stats.read, stats.rejected, res.inserted, res.updated,
-                            res.duplicate + stats.repeated)
-        self._record(conn, df, stats.digest.size, st.st_mtime_ns, stats.digest.hexdigest(), result)
-        self._publish_then_commit(conn)
-        _quality_warnings(df, stats)
-        return result
-
-    def _fail(self, conn, df: DataFile, st: os.stat_result | None, reason: str) -> FileResult:
-        """The file is rolled back whole; its one reject line and manifest row say why."""
-        result = FileResult(df.rel, "failed", error=reason)
-        self.rejects.discard()
-        self.rejects.add(df.rel, None, f"file failed: {reason}")
-        if conn is not None and st is not None:
-            with conn.cursor() as cur:
-                cur.execute("ROLLBACK TO SAVEPOINT ingest_file")
-            self._record(conn, df, st.st_size, st.st_mtime_ns, None, result)
-            self._publish_then_commit(conn)
-        else:
-            self.rejects.publish()
-        return result
-
-    def _publish_then_commit(self, conn) -> None:
-        """Rejects are written before the rows commit: if they cannot be, the file rolls back
-        (nothing is lost; a crash between the two can repeat a file's reject lines, never rows)."""
-        try:
-            self.rejects.publish()
-        except RejectFileError:
-            _rollback(conn)
-            raise
-        conn.commit()
-
-    def _record(self, conn, df: DataFile, size: int, mtime_ns: int, sha256: str | None,
-                result: FileResult) -> None:
-        counts = {name: getattr(result, name) for name in COUNTS}
-        with conn.cursor() as cur:
-            cur.execute(_MANIFEST_UPSERT, {"path": df.rel, "size": size, "mtime_ns": mtime_ns,
-                                           "sha256": sha256, "status": result.status, "error": result.error,
-                                           "run_id": self.run_id, **counts})
+def _rollback(conn) -> None:
+    with contextlib.suppress(_psycopg2().Error):
+        conn.rollback()  # a connection that is gone has been rolled back by the server already
 
 
-def _quality_warnings(df: DataFile, stats: _FileStats) -> None:
-    """Say once per file what the producer should look at; nothing of it is an error."""
-    if stats.extra_keys:
-        log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s", df.rel,
-                    stats.extra_keys, "/".join(REQUIRED_KEYS), stats.extra_example)
-    if stats.conflicting:
-        more = " at least" if len(stats.seen) >= DEDUPE_MAX_KEYS else ""
-        log.warning("%s:%s %d records repeat a key seen earlier in the file with a different value; "
-                    "the first was kept (e.g. %s)", df.rel, more, stats.conflicting, stats.conflict_example,
-                    extra={"fields": {"file": df.rel, "conflicting_repeats": stats.conflicting}})
+# --- the run: run log, sequential and parallel loading, dry run -------------------------------
+def _start_run(conn, cfg: Config) -> int:
+    """Insert this run's row. Mark as interrupted the runs that are gone: silent for
+    STALE_RUN_MINUTES, or started on this host by a process that no longer exists."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT run_id, host, pid, coalesce(heartbeat_at, started_at) < now() - "
+                    f"interval '{STALE_RUN_MINUTES} minutes' FROM ingest_runs WHERE status = 'running'")
+        here = socket.gethostname()
+        stale = [run_id for run_id, host, pid, silent in cur.fetchall() if silent or (host == here and not _alive(pid))]
+        cur.execute("UPDATE ingest_runs SET status = 'interrupted', finished_at = now() WHERE run_id = ANY(%s)",
+                    (stale,))
+        if stale:
+            cur.execute("DELETE FROM ingest_run_keys WHERE run_id = ANY(%s)", (stale,))
+        cur.execute("INSERT INTO ingest_runs (host, pid, version, data_dir, on_conflict, heartbeat_at) "
+                    "VALUES (%s, %s, %s, %s, %s, now()) RETURNING run_id",
+                    (socket.gethostname(), os.getpid(), __version__, _escape_name(str(cfg.data_dir.resolve())),
+                     cfg.on_conflict))
+        run_id = cur.fetchone()[0]
+    conn.commit()
+    return run_id
 
 
-def _unchanged(cur, df: DataFile, st: os.stat_result, known: tuple) -> bool:
-    """Same size and mtime: unchanged. Same size, new mtime: compare content hashes."""
-    size, mtime_ns, sha256 = known[:3]
-    if size != st.st_size:
+def _alive(pid: int) -> bool:
+    """Is a process of this host (and PID namespace) still running under ``pid``?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    if mtime_ns == st.st_mtime_ns:
-        return True
-    if sha256 is None or _file_digest(df.path).hexdigest() != sha256:
-        return False
-    cur.execute("UPDATE ingest_files SET mtime_ns = %s WHERE path = %s", (st.st_mtime_ns, df.rel))
+    except OSError:
+        return True  # it exists, owned by someone else
     return True
 
 
-def _rollback(conn) -> None:
-    try:
-        conn.rollback()
-    except _psycopg2().Error:
-        pass  # the connection is gone; the server has rolled back already
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _redact(text: str, password: str | None) -> str:
-    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
-    if password:
-        text = text.replace(password, "***")
-    return text
-
-
-# --- the run: run log, signals, workers -------------------------------------------------------
-class _Stop:
-    """Set by SIGINT/SIGTERM: the run stops between files. A second signal aborts at once."""
-
-    signum: int | None = None
-    aborted = False  # the second signal came: whatever error it surfaces as, it means "stop now"
-
-    @classmethod
-    def install(cls) -> None:
-        cls.signum, cls.aborted = None, False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, cls._handle)
-
-    @classmethod
-    def _handle(cls, signum, frame) -> None:
-        if cls.signum is not None:
-            cls.aborted = True
-            raise KeyboardInterrupt
-        cls.signum = signum
-        log.warning("received %s: stopping after the current file", signal.Signals(signum).name)
-
-
-class Interrupted(IngestError):
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} between files")
-        self.exit_code = 128 + signum
-
-
-def _start_run(conn, cfg: Config) -> int:
-    """Insert this run's row and hold its advisory lock; mark runs whose holder died interrupted."""
+def _heartbeat(conn, run_id: int) -> None:
     with conn.cursor() as cur:
-        cur.execute("SELECT run_id FROM ingest_runs WHERE status = 'running'")
-        for (stale,) in cur.fetchall():
-            cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (RUN_LOCK_NS, stale % 2**31))
-            if cur.fetchone()[0]:
-                cur.execute("UPDATE ingest_runs SET status = 'interrupted', finished_at = now() "
-                            "WHERE run_id = %s AND status = 'running'", (stale,))
-                cur.execute("DELETE FROM ingest_run_keys WHERE run_id = %s", (stale,))
-                cur.execute("SELECT pg_advisory_unlock(%s, %s)", (RUN_LOCK_NS, stale % 2**31))
-        cur.execute("INSERT INTO ingest_runs (host, pid, version, data_dir, on_conflict) "
-                    "VALUES (%s, %s, %s, %s, %s) RETURNING run_id",
-                    (socket.gethostname(), os.getpid(), __version__, str(cfg.data_dir.resolve()),
-                     cfg.on_conflict))
-        run_id = cur.fetchone()[0]
-        cur.execute("SELECT pg_advisory_lock(%s, %s)", (RUN_LOCK_NS, run_id % 2**31))
+        cur.execute("UPDATE ingest_runs SET heartbeat_at = now() WHERE run_id = %s", (run_id,))
     conn.commit()
-    return run_id
 
 
 def _finish_run(cfg: Config, conn, summary: Summary) -> None:
     """Record the run's outcome; reconnect once if the connection was lost meanwhile."""
     psycopg2 = _psycopg2()
-    counts = {k: getattr(summary, k) for k in ("files_seen", "files_loaded", "files_failed", *COUNTS)}
-    counts["files_skipped"] = summary.files_skipped + summary.files_busy
+    data = summary.fields()
+    counts = {k: data[k] for k in ("files_seen", "files_loaded", *_COUNT_FIELDS)}
+    counts["files_failed"] = summary.not_loaded
+    counts["files_skipped"] = data["files_skipped"] + data["files_busy"]
     sets = ", ".join(f"{k} = %({k})s" for k in counts)
     for attempt in (1, 2):
         try:
@@ -1408,74 +1989,276 @@ def _finish_run(cfg: Config, conn, summary: Summary) -> None:
             return
         except (psycopg2.Error, IngestError) as exc:
             if attempt == 2:
-                log.warning("could not record the end of run %s in ingest_runs: %s", summary.run_id,
-                            _first_line(exc))
+                log.warning("could not record the end of run %s in ingest_runs: %s", summary.run_id, exc)
         finally:
             if attempt == 2 or not conn.closed:
                 conn.close()
 
 
-def _report(summary: Summary, result: FileResult, progress: _Progress | None = None) -> None:
+def _report(summary: Summary, result: FileResult, progress: _Progress | None) -> None:
     summary.add(result)
     if progress is not None:
         progress.file_done(result.file)
-    fields = {"fields": {"event": "file", **dataclasses.asdict(result)}}
-    if result.status in ("skipped", "busy"):
-        why = "unchanged" if result.status == "skipped" else "claimed by another loader"
-        log.info("skipped %s: %s%s", result.file, why, f" ({result.error})" if result.error else "", extra=fields)
-        return
-    level = logging.ERROR if result.status == "failed" else logging.INFO
-    log.log(level, "%s %s: read=%d rejected=%d inserted=%d updated=%d duplicate=%d (%.2fs)%s",
-            result.status, result.file, result.records_read, result.records_rejected, result.rows_inserted,
-            result.rows_updated, result.rows_duplicate, result.seconds,
-            f" - {result.error}" if result.error else "", extra=fields)
+    fields = {"fields": {"event": "file", **result.fields()}}
+    if result.status == "skipped":
+        log.info("skipped %s: unchanged", result.file, extra=fields)
+    elif result.status == "busy":
+        log.info("skipped %s: claimed by another loader%s", result.file,
+                 f" ({result.error})" if result.error else "", extra=fields)
+    elif result.status == "failed_before":
+        log.error("not loaded %s: %s", result.file, result.error, extra=fields)
+    else:
+        c = result.counts
+        log.log(logging.ERROR if result.status == "failed" else logging.INFO,
+                "%s %s: read=%d rejected=%d inserted=%d updated=%d duplicate=%d (%.2fs)%s",
+                result.status, result.file, c.records_read, c.records_rejected, c.rows_inserted, c.rows_updated,
+                c.rows_duplicate, result.seconds, f" - {result.error}" if result.error else "", extra=fields)
 
 
+def _load_each(loader: _Loader, files: Iterable[DataFile], stop: _Stop) -> Iterator[FileResult]:
+    """Load files in order. One another loader holds (busy) is tried again at the end, waiting
+    for it: by then that loader has usually finished it (and it is skipped as unchanged), or the
+    server has ended a lost connection that still held it."""
+    busy = []
+    for df in files:
+        if stop.signum is not None:
+            return
+        result = loader.load(df)
+        if result.status == "busy":
+            busy.append(df)
+        else:
+            yield result
+        loader.heartbeat()
+    wait_ms = min(CLAIM_WAIT_AGAIN_MS, int(loader.cfg.stall_timeout * 500) or CLAIM_WAIT_AGAIN_MS)
+    for df in busy:
+        if stop.signum is not None:
+            return
+        result = loader.load(df, wait_ms)
+        if result.status == "busy":
+            result.error = result.error or f"still claimed by another loader after waiting {wait_ms / 1000:g}s"
+        yield result
+
+
+def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: Summary, stop: _Stop,
+                     progress: _Progress | None, known: dict, chunk_seconds: int) -> None:
+    loader = _Loader(cfg, run_id, stop, chunk_seconds, known, progress)
+    try:
+        for result in _load_each(loader, files, stop):
+            _report(summary, result, progress)
+    finally:
+        loader.close()
+    if stop.signum is not None and len(summary.results) < len(files):
+        raise Interrupted(stop.signum)
+
+
+def _worker_main(cfg: Config, run_id: int, known: dict, chunk_seconds: int, tasks, results) -> None:
+    """A worker process: load files from ``tasks`` until it is empty or a stop is asked."""
+    _setup_logging(cfg.log_level, cfg.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the parent, which passes it on
+    stop = _Stop(cfg.stall_timeout).install((signal.SIGTERM,))
+    loader = _Loader(cfg, run_id, stop, chunk_seconds, known)
+    try:
+        for result in _load_each(loader, iter(tasks.get, None), stop):
+            results.put(("file", result))
+    except IngestError as exc:
+        results.put(("error", str(exc), exc.exit_code, exc.hint))
+    finally:
+        loader.close()
+        stop.uninstall()
+        results.put(("done", os.getpid()))
+
+
+def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Summary, stop: _Stop,
+                   progress: _Progress | None, known: dict, chunk_seconds: int, conn) -> None:
+    """Hand files to worker processes; each claims its file through the same manifest row lock."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    for df in files:
+        tasks.put(df)
+    count = min(cfg.workers, len(files))
+    for _ in range(count):
+        tasks.put(None)
+    procs = [context.Process(target=_worker_main, args=(cfg, run_id, known, chunk_seconds, tasks, results),
+                             daemon=True) for _ in range(count)]
+    for proc in procs:
+        proc.start()
+    stop.forward = lambda signum: [os.kill(p.pid, signal.SIGTERM) for p in procs if p.is_alive()]
+    error, running, beat = None, count, time.monotonic()
+    try:
+        while running:
+            try:
+                message = results.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    error = error or IngestError("a worker process ended unexpectedly")
+                    break
+                continue
+            if message[0] == "file":
+                _report(summary, message[1], progress)
+            elif message[0] == "error":
+                error = error or IngestError(message[1])
+                error.exit_code, error.hint = message[2], message[3]
+            else:
+                running -= 1
+            if time.monotonic() - beat >= HEARTBEAT_SECONDS:
+                beat = time.monotonic()
+                with contextlib.suppress(_psycopg2().Error):
+                    _heartbeat(conn, run_id)
+    finally:
+        stop.forward = None
+        for proc in procs:
+            proc.join(timeout=30)
+    if error is not None:
+        raise error
+    if stop.signum is not None and len(summary.results) < len(files):
+        raise Interrupted(stop.signum)
+
+
+def _check_files(cfg: Config, files: list[DataFile], summary: Summary, stop: _Stop,
+                 progress: _Progress | None) -> None:
+    """--dry-run: read and validate every file, write rejects, touch no database."""
+    rejects, make_line = _Rejects(cfg.reject_file, None), _LineMaker(cfg.source_tz)
+    try:
+        for df in files:
+            if stop.signum is not None:
+                raise Interrupted(stop.signum)
+            started = time.monotonic()
+            if df.error:
+                result = FileResult(df.rel, "failed", error=df.error)
+            else:
+                rows = _FileRows(df, make_line, rejects, 86_400, 0, progress.reading(df) if progress else None)
+                try:
+                    while not rows.finished:
+                        for count, _ in enumerate(rows.part()):
+                            if count % 4096 == 0:
+                                stop.check()
+                except (FileFormatError, FileReadError) as exc:
+                    rejects.discard()
+                    rejects.add(df.rel, None, f"file failed: {exc}")
+                    result = FileResult(df.rel, "failed", error=str(exc))
+                else:
+                    result = FileResult(df.rel, "checked", rows.take_counts())
+                    rows.warn()
+                finally:
+                    rows.close()
+            rejects.publish()
+            result.seconds = round(time.monotonic() - started, 3)
+            _report(summary, result, progress)
+    finally:
+        rejects.close()
+
+
+def _manifest(conn) -> dict:
+    with conn.cursor() as cur:
+        cur.execute("SELECT path, size, mtime_ns, status, error FROM ingest_files")
+        known = {path: tuple(rest) for path, *rest in cur.fetchall()}
+    conn.commit()
+    return known
+
+
+def _run(cfg: Config, summary: Summary, stop: _Stop) -> None:
+    """List the files, then check them (--dry-run) or load them; settle the summary's status."""
+    files = list(load_files(cfg.data_dir))
+    conn = None
+    try:
+        with _Progress.shown(cfg.progress, files) as progress:
+            if cfg.dry_run:
+                _check_files(cfg, files, summary, stop, progress)
+            else:
+                conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
+                chunk_seconds = _prepare(conn, cfg)
+                summary.run_id = _start_run(conn, cfg)
+                known = _manifest(conn)
+                if cfg.workers > 1 and len(files) > 1:
+                    _load_parallel(cfg, summary.run_id, files, summary, stop, progress, known, chunk_seconds, conn)
+                else:
+                    _load_sequential(cfg, summary.run_id, files, summary, stop, progress, known, chunk_seconds)
+        summary.status = "rejects" if summary.not_loaded or summary.counts.records_rejected else "ok"
+        if summary.results and summary.files["failed"] == len(summary.results) and all(
+                r.error and r.error.startswith("the database refused it") for r in summary.results):
+            raise DatabaseError(f"the database refused every file; the first: {summary.results[0].error}")
+    except Interrupted as exc:
+        summary.status, summary.error = "interrupted", str(exc)
+        raise
+    except BaseException as exc:
+        summary.status, summary.error = "failed", str(exc) or type(exc).__name__
+        raise
+    finally:
+        summary.results.sort(key=lambda r: r.file)
+        if conn is not None:
+            if summary.run_id is not None:
+                _finish_run(cfg, conn, summary)
+            elif not conn.closed:
+                conn.close()
+
+
+def _prepare(conn, cfg: Config) -> int:
+    """Bootstrap the schema (unless --no-bootstrap) and check raw_data; return its chunk interval."""
+    psycopg2 = _psycopg2()
+    try:
+        if cfg.bootstrap:
+            apply_schema(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
+        return check_table(conn)
+    except psycopg2.Error as exc:
+        _rollback(conn)
+        if _is_transient(exc):
+            raise DatabaseError(f"cannot prepare the database: {_pg_message(exc)}") from None
+        err = ConfigError(f"cannot apply {SCHEMA_PATH.name}: {_pg_message(exc)}")
+        if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
+            err.hint = "a loader role without CREATE runs with --no-bootstrap, once the owner has applied the schema"
+        else:
+            err.hint = "fix raw_data as the message says (see docs/operations.md, 'Failure modes'), then run again"
+        raise err from None
+
+
+# --- progress bars -----------------------------------------------------------------------------
 class _Progress:
-    """Progress bars on a terminal (tqdm): the file being read and all files, by bytes."""
+    """Progress bars on a terminal (tqdm): all files and the file being read, by bytes, fed by the
+    reading itself; log lines go through tqdm's logging redirect while the bars are shown."""
 
     def __init__(self, files: list[DataFile]) -> None:
         from tqdm import tqdm
 
         self.sizes = {df.rel: _size_or_zero(df.path) for df in files}
         columns, lines = _terminal_size()
-        size = {"ncols": columns, "nrows": lines, "file": sys.stderr}
-        self.overall = tqdm(total=sum(self.sizes.values()), unit="B", unit_scale=True, desc="all files",
-                            position=0, **size)
-        self.current = tqdm(total=0, unit="B", unit_scale=True, position=1, leave=False, **size)
-        self.stats: _FileStats | None = None
-        self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
-        self._ticker.start()
+        size = {"ncols": columns, "nrows": lines, "file": sys.stderr, "unit": "B", "unit_scale": True}
+        self.overall = tqdm(total=sum(self.sizes.values()), desc="all files", position=0, **size)
+        self.current = tqdm(total=0, position=1, leave=False, **size)
+        self._read = 0
 
-    def file_started(self, df: DataFile, stats: _FileStats) -> None:
-        self.stats = stats
+    @classmethod
+    @contextlib.contextmanager
+    def shown(cls, enabled: bool, files: list[DataFile]) -> Iterator[_Progress | None]:
+        if not enabled:
+            yield None
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        progress = cls(files)
+        try:
+            with logging_redirect_tqdm(loggers=[log]):
+                yield progress
+        finally:
+            progress.current.close()
+            progress.overall.close()
+
+    def reading(self, df: DataFile) -> Callable[[int], object]:
+        """Start the file's bar; return what the reader calls with each number of bytes read."""
         self.current.reset(total=self.sizes.get(df.rel, 0))
         self.current.set_description_str(df.rel, refresh=False)
+        self._read = 0
+        return self._advance
+
+    def _advance(self, count: int) -> None:
+        self._read += count
+        self.current.update(count)
+        self.overall.update(count)
 
     def file_done(self, rel: str) -> None:
-        self.stats = None
-        self.overall.update(self.sizes.get(rel, 0))
-
-    def _tick(self) -> None:
-        while not self._stop.wait(0.2):
-            stats = self.stats
-            if stats is not None:
-                self.current.n = min(stats.digest.size, self.current.total or stats.digest.size)
-                self.current.set_postfix_str(f"{stats.read:,} records", refresh=False)
-                self.current.refresh()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._ticker.join()
-        self.current.close()
-        self.overall.close()
-
-    @staticmethod
-    def write(text: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stderr)
+        self.overall.update(max(0, self.sizes.get(rel, 0) - self._read))  # a skipped file counts whole
+        self._read = 0
 
 
 def _terminal_size() -> tuple[int, int]:
@@ -1494,150 +2277,6 @@ def _size_or_zero(path: Path) -> int:
         return 0
 
 
-def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: Summary,
-                     progress: _Progress | None, known: dict) -> None:
-    loader = _Loader(cfg, run_id, progress, known)
-    try:
-        for df in files:
-            if _Stop.signum is not None:
-                raise Interrupted(_Stop.signum)
-            _report(summary, loader.load(df), progress)
-    finally:
-        loader.close()
-
-
-def _check_files(cfg: Config, files: list[DataFile], summary: Summary, progress: _Progress | None) -> None:
-    """--dry-run: read and validate every file, write rejects, touch no database."""
-    rejects, make_line = _RejectLog(cfg.reject_file, None), _LineMaker(cfg.source_tz)
-    try:
-        for df in files:
-            if _Stop.signum is not None:
-                raise Interrupted(_Stop.signum)
-            stats, started = _FileStats(), time.monotonic()
-            if progress is not None:
-                progress.file_started(df, stats)
-            try:
-                for _ in _valid_lines(df, make_line, rejects, stats):
-                    pass
-            except FileFormatError as exc:
-                rejects.discard()
-                rejects.add(df.rel, None, f"file failed: {exc}")
-                result = FileResult(df.rel, "failed", error=str(exc))
-            else:
-                result = FileResult(df.rel, "checked", stats.read, stats.rejected, rows_duplicate=stats.repeated)
-                _quality_warnings(df, stats)
-            rejects.publish()
-            result.seconds = round(time.monotonic() - started, 3)
-            _report(summary, result, progress)
-    finally:
-        rejects.close()
-
-
-_WORKER: _Loader | None = None
-
-
-def _worker_init(cfg: Config, run_id: int, known: dict) -> None:
-    global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _setup_logging(cfg.log_level, cfg.log_format, None)
-    _WORKER = _Loader(cfg, run_id, None, known)
-
-
-def _worker_load(df: DataFile) -> FileResult:
-    return _WORKER.load(df)
-
-
-def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Summary,
-                   progress: _Progress | None, known: dict) -> None:
-    """Hand files to worker processes; each claims its file through the same database lock."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    todo = iter(files)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_worker_init,
-                             initargs=(cfg, run_id, known)) as pool:
-        pending = {}
-
-        def submit_next() -> None:
-            df = next(todo, None) if _Stop.signum is None else None
-            if df is not None:
-                pending[pool.submit(_worker_load, df)] = df
-
-        for _ in range(cfg.workers):
-            submit_next()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                del pending[future]
-                _report(summary, future.result(), progress)
-                submit_next()
-    if _Stop.signum is not None and len(summary.files) < len(files):
-        raise Interrupted(_Stop.signum)
-
-
-def _run(cfg: Config, summary: Summary) -> None:
-    _RejectLog(cfg.reject_file, None).close()  # fail early (exit 2) if it cannot be written
-    if cfg.dry_run:
-        _with_progress(cfg, summary, lambda files, progress: _check_files(cfg, files, summary, progress))
-        return
-    conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
-    try:
-        if cfg.bootstrap:
-            try:
-                apply_schema(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
-            except _psycopg2().Error as exc:
-                raise DatabaseError(f"cannot apply {SCHEMA_PATH.name}: {_first_line(exc)}") from None
-        try:
-            summary.run_id = _start_run(conn, cfg)
-        except _psycopg2().Error as exc:
-            raise DatabaseError(f"cannot start the run: {_first_line(exc)}") from None
-        try:
-            known = _manifest(conn)
-
-            def load(files: list[DataFile], progress: _Progress | None) -> None:
-                parallel = cfg.workers > 1 and len(files) > 1
-                (_load_parallel if parallel else _load_sequential)(cfg, summary.run_id, files, summary, progress,
-                                                                   known)
-
-            _with_progress(cfg, summary, load)
-        finally:
-            _finish_run(cfg, conn, summary)
-    finally:
-        if not conn.closed:
-            conn.close()
-
-
-def _manifest(conn) -> dict:
-    with conn.cursor() as cur:
-        cur.execute("SELECT path, size, mtime_ns, status, error FROM ingest_files")
-        known = {path: tuple(rest) for path, *rest in cur.fetchall()}
-    conn.commit()
-    return known
-
-
-def _with_progress(cfg: Config, summary: Summary, work: Callable) -> None:
-    """List the files, run ``work(files, progress)``, and settle the summary's status."""
-    files = list(load_files(cfg.data_dir))
-    progress = _Progress(files) if cfg.progress else None
-    _LOG_HANDLER.progress = progress
-    try:
-        work(files, progress)
-        summary.status = "rejects" if summary.files_failed or summary.records_rejected else "ok"
-    except (Interrupted, KeyboardInterrupt) as exc:
-        summary.status, summary.error = "interrupted", str(exc) or "stopped by a second signal"
-        raise
-    except BaseException as exc:
-        summary.status, summary.error = "failed", str(exc) or type(exc).__name__
-        raise
-    finally:
-        _LOG_HANDLER.progress = None
-        if progress is not None:
-            progress.close()
-        summary.files.sort(key=lambda f: f.file)
-
-
 # --- logging ----------------------------------------------------------------------------------
 class _JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, message, and the record's structured fields."""
@@ -1652,31 +2291,15 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _Handler(logging.StreamHandler):
-    """stderr, written around the progress bars while they are shown."""
-
-    progress: _Progress | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.progress is None:
-            super().emit(record)
-            return
-        try:
-            self.progress.write(self.format(record))
-        except Exception:  # noqa: BLE001 (logging must never raise)
-            self.handleError(record)
+    """stderr; marked so that main can replace its own handler and no other."""
 
 
-_LOG_HANDLER = _Handler()
-
-
-def _setup_logging(level: str, fmt: str, progress: _Progress | None) -> None:
-    global _LOG_HANDLER
-    _LOG_HANDLER = _Handler(sys.stderr)  # a new one: sys.stderr may have been replaced since
-    _LOG_HANDLER.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
-    _LOG_HANDLER.progress = progress
-    for handler in [h for h in log.handlers if isinstance(h, _Handler)]:
-        log.removeHandler(handler)
-    log.addHandler(_LOG_HANDLER)  # on the "ingest" logger only: an embedding program keeps its own
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = _Handler(sys.stderr)  # a new one: sys.stderr may have been replaced since
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
+    for old in [h for h in log.handlers if isinstance(h, _Handler)]:
+        log.removeHandler(old)
+    log.addHandler(handler)  # on the "ingest" logger only: an embedding program keeps its own
     log.setLevel(level)
 
 
@@ -1717,7 +2340,9 @@ SETTINGS = (
     ("--reject-file", "REJECT_FILE", str, "rejected records are appended here, as JSON Lines"),
     ("--connect-timeout", "CONNECT_TIMEOUT", _positive_int, "seconds to wait for the database"),
     ("--statement-timeout", "STATEMENT_TIMEOUT", _non_negative_int,
-     "seconds one statement (a file's COPY, say) may run; 0 means no limit"),
+     "seconds one statement (a file's COPY, say) may run on the server; 0 means no limit"),
+    ("--stall-timeout", "STALL_TIMEOUT", _non_negative_int,
+     "seconds a database call may show no progress before the connection counts as lost; 0 means never"),
     ("--log-level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
     ("--log-format", "LOG_FORMAT", _choice("text", "json"), "log lines as text, or one JSON object each"),
 )
@@ -1733,12 +2358,12 @@ def _parser() -> argparse.ArgumentParser:
         "so the password never shows in a process list).",
         epilog="Also: 'ingest.py status [--json]' shows what the database holds and what the last runs did. "
         "Exit codes: 0 all loaded; 1 some records or files rejected; 2 usage or configuration "
-        "error; 3 database unreachable or failed; 130/143 stopped by SIGINT/SIGTERM between files.",
+        "error; 3 database unreachable or unusable; 130/143 stopped by SIGINT/SIGTERM.",
     )
     for flag, env, parse, text in SETTINGS:
         p.add_argument(flag, type=parse, help=f"{text} (env {env}; default {DEFAULTS[env]})")
     p.add_argument("--env-file", help="dotenv file to read settings from (default ./.env, if present)")
-    p.add_argument("--summary-json", help="also write the run's counts to this JSON file")
+    p.add_argument("--summary-json", help="also write the run's counts to this JSON file (checked at start)")
     p.add_argument("--force", action="store_true", help="load every file, even those the manifest "
                    "shows unchanged since their last load")
     p.add_argument("--dry-run", action="store_true", help="read and validate everything, write the reject file "
@@ -1779,11 +2404,13 @@ def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
         raise ConfigError(f"POSTGRES_PORT: {exc}") from None
     data_dir = Path(values["DATA_DIR"])
     if not data_dir.is_dir():
-        raise ConfigError(f"DATA_DIR {data_dir} is not a directory")
+        raise ConfigError(f"DATA_DIR {_escape_name(str(data_dir))} is not a directory")
+    try:
+        os.listdir(data_dir)
+    except OSError as exc:
+        raise ConfigError(f"DATA_DIR {_escape_name(str(data_dir))} cannot be read: {exc.strerror or exc}") from None
     level = "DEBUG" if args.verbose else "WARNING" if args.quiet else values["LOG_LEVEL"].upper()
-    conninfo = _conninfo(s, values["CONNECT_TIMEOUT"], port)
-    if values["STATEMENT_TIMEOUT"]:
-        conninfo["options"] = f"-c statement_timeout={values['STATEMENT_TIMEOUT'] * 1000}"
+    conninfo = _conninfo(s, values["CONNECT_TIMEOUT"], port, values["STALL_TIMEOUT"])
     return Config(
         conninfo=conninfo,
         data_dir=data_dir,
@@ -1798,15 +2425,21 @@ def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
         dry_run=args.dry_run,
         progress=not args.quiet and values["LOG_FORMAT"] == "text" and sys.stderr.isatty(),
         log_format=values["LOG_FORMAT"],
+        statement_timeout=values["STATEMENT_TIMEOUT"],
+        stall_timeout=values["STALL_TIMEOUT"],
     )
 
 
-def _conninfo(s: dict, timeout: int, port: int) -> dict:
+def _conninfo(s: dict, timeout: int, port: int, stall: int = 0) -> dict:
     conninfo: dict = {"connect_timeout": timeout}
+    if stall:  # a peer that vanished (a host down, a cable cut) is noticed by TCP within ~stall seconds
+        conninfo.update(keepalives=1, keepalives_idle=max(1, min(30, stall // 4)), keepalives_interval=5,
+                        keepalives_count=3, tcp_user_timeout=stall * 1000)
     for key in ("sslmode", "sslrootcert", "sslcert", "sslkey"):  # libpq's TLS settings, if given
         if s.get(f"POSTGRES_{key.upper()}"):
             conninfo[key] = s[f"POSTGRES_{key.upper()}"]
     if s.get("DATABASE_URL"):
+        _check_dsn(s["DATABASE_URL"])
         conninfo["dsn"] = s["DATABASE_URL"]
     else:
         conninfo.update(host=s["POSTGRES_HOST"], port=port, dbname=s["POSTGRES_DB"],
@@ -1823,12 +2456,22 @@ def _timezone(name: str) -> dt.tzinfo:
         raise ConfigError(f"SOURCE_TIMEZONE: unknown time zone {name!r} (use an IANA name such as Europe/Berlin)") from None
 
 
-def _write_summary(path: Path, summary: Summary) -> None:
-    data = dataclasses.asdict(summary)
-    data["host"] = socket.gethostname()
-    tmp = path.with_name(path.name + ".tmp")
+def _summary_writable(path: Path) -> None:
+    """Fail at start (exit 2) if the summary file could not be written at the end."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+        if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
+            raise OSError(21 if path.is_dir() else 13, "Is a directory" if path.is_dir() else "Permission denied")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the summary {_escape_name(str(path))}: {exc.strerror or exc}") from None
+
+
+def _write_summary(path: Path, summary: Summary) -> None:
+    data = {**summary.fields(), "host": socket.gethostname(), "files": [r.fields() for r in summary.results]}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as exc:
@@ -1840,31 +2483,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["status"]:
         return _status_main(argv[1:])
     args = _parser().parse_args(argv)  # exits 2 on bad flags, before any I/O
-    _setup_logging("DEBUG" if args.verbose else "INFO", "text", None)
-    started = time.monotonic()
-    summary = Summary()
-    _Stop.install()
-    cfg = None
+    _setup_logging("DEBUG" if args.verbose else "INFO", "text")
+    started, summary, cfg = time.monotonic(), Summary(), None
+    stop = _Stop(float(DEFAULTS["STALL_TIMEOUT"])).install()
     try:
         cfg = _resolve_config(args, dict(os.environ))
-        _setup_logging(cfg.log_level, cfg.log_format, None)
-        _run(cfg, summary)
+        stop.stall_timeout = cfg.stall_timeout
+        _setup_logging(cfg.log_level, cfg.log_format)
+        _Rejects(cfg.reject_file, None).close()  # fail early (exit 2) if it cannot be written
+        if args.summary_json:
+            _summary_writable(Path(args.summary_json))
+        _run(cfg, summary, stop)
         code = EXIT_REJECTS if summary.status == "rejects" else EXIT_OK
-    except (IngestError, KeyboardInterrupt) as exc:
-        if isinstance(exc, KeyboardInterrupt):  # a second signal: the file in flight was rolled back
-            exc = Interrupted(_Stop.signum or signal.SIGINT)
+    except IngestError as exc:
+        if isinstance(exc, DatabaseError) and stop.aborted:
+            exc = Interrupted(stop.signum or signal.SIGINT, "in the middle of a file (it was rolled back)")
         if summary.status == "running":
             summary.status, summary.error = "failed", str(exc)
         code = exc.exit_code
         _report_error(exc, code, cfg, args.verbose)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        stop.uninstall()
     summary.seconds = round(time.monotonic() - started, 3)
-    if code != EXIT_USAGE:
+    if code != EXIT_USAGE or summary.results:
         log.log(logging.WARNING if code else logging.INFO, "summary: %s", summary.line(),
-                extra={"fields": {**summary.fields(), "exit_code": code}})
-    if args.summary_json:
+                extra={"fields": {"event": "summary", **summary.fields(), "exit_code": code}})
+    if args.summary_json and (cfg is not None or code != EXIT_USAGE):
         _write_summary(Path(args.summary_json), summary)
     return code
 
@@ -1889,7 +2533,7 @@ _STATUS_QUERIES = {
     "runs": "SELECT run_id, started_at, finished_at, status, host, files_seen, files_loaded, files_skipped, "
             "files_failed, records_read, records_rejected, rows_inserted, rows_updated, rows_duplicate, error "
             "FROM ingest_runs ORDER BY run_id DESC LIMIT %(limit)s",
-    "failed_files": "SELECT path, error, run_id, loaded_at FROM ingest_files WHERE status = 'failed' "
+    "failed_files": "SELECT path, error, run_id, loaded_at FROM ingest_files WHERE status IN ('failed', 'error') "
                     "ORDER BY run_id DESC NULLS LAST, path",
 }
 
@@ -1902,7 +2546,7 @@ def _status_main(argv: list[str]) -> int:
     p.add_argument("--runs", type=_positive_int, default=10, help="how many recent runs to show (default 10)")
     p.add_argument("--env-file", help="dotenv file to read settings from (default ./.env, if present)")
     args = p.parse_args(argv)
-    _setup_logging("WARNING", "text", None)
+    _setup_logging("WARNING", "text")
     try:
         s = _settings(args.env_file, dict(os.environ))
         try:
@@ -1928,9 +2572,9 @@ def _status_report(conn, runs: int) -> dict:
                 columns = [c.name for c in cur.description]
                 report[name] = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
     except psycopg2.errors.UndefinedTable as exc:
-        raise DatabaseError(f"{_first_line(exc)}: nothing loaded here yet (run the loader once)") from None
+        raise DatabaseError(f"{_pg_message(exc)}: nothing loaded here yet (run the loader once)") from None
     except psycopg2.Error as exc:
-        raise DatabaseError(_first_line(exc)) from None
+        raise DatabaseError(_pg_message(exc)) from None
     finally:
         conn.close()
     return report

@@ -29,7 +29,12 @@ BEGIN
                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum)
               = ARRAY['metric', 'timestamp', 'user_id']
     ) THEN
-        ALTER TABLE raw_data ADD PRIMARY KEY (user_id, metric, "timestamp");
+        IF EXISTS (SELECT 1 FROM pg_index WHERE indrelid = 'raw_data'::regclass AND indisprimary) THEN
+            -- Another primary key (an id column, say): the key goes in as a unique index.
+            CREATE UNIQUE INDEX raw_data_user_id_metric_timestamp_key ON raw_data (user_id, metric, "timestamp");
+        ELSE
+            ALTER TABLE raw_data ADD PRIMARY KEY (user_id, metric, "timestamp");
+        END IF;
     END IF;
 END
 $$;
@@ -52,8 +57,10 @@ SELECT create_hypertable(
 -- Bookkeeping of the loader itself (not part of the downstream contract).
 -- ---------------------------------------------------------------------------------------------
 
--- One row per run: what each cron run did. A run killed before it could finish stays 'running'
--- until the next run finds its advisory lock free and marks it 'interrupted'.
+-- One row per run: what each cron run did. A running run touches heartbeat_at between files (at
+-- most every 30 s); a run killed before it could finish stays 'running' until a later run finds
+-- its heartbeat older than 15 minutes and marks it 'interrupted'. (No session-level lock: the
+-- loader keeps no state beyond its own transactions, so it works through a pooler.)
 CREATE TABLE IF NOT EXISTS ingest_runs (
     run_id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     started_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
@@ -75,16 +82,22 @@ CREATE TABLE IF NOT EXISTS ingest_runs (
     rows_duplicate   BIGINT      NOT NULL DEFAULT 0,
     error            TEXT
 );
+ALTER TABLE ingest_runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMPTZ;
 
--- The file manifest: one row per file (path relative to DATA_DIR), written in the same
--- transaction as the file's rows. A file whose size and modification time (or, when only the
--- time changed, content hash) match a row here is skipped without being parsed.
+-- The file manifest: one row per file (path relative to DATA_DIR, escaped), written in the same
+-- transaction as the file's rows; a loader claims a file by locking its row. status: 'loaded';
+-- 'failed' (its bytes cannot be read as records: skipped while unchanged); 'error' (the
+-- environment failed it: permissions, I/O, a database refusal: tried again every run); 'partial'
+-- (a file spanning many chunks, committed up to record records_done: resumed there); 'new' exists
+-- only inside the transaction that claims a file for the first time. A 'loaded' or 'failed' file
+-- whose size and modification time (or, when only the time changed, content hash) match its row
+-- is skipped without being parsed.
 CREATE TABLE IF NOT EXISTS ingest_files (
     path             TEXT        PRIMARY KEY,
     size             BIGINT      NOT NULL,
     mtime_ns         BIGINT      NOT NULL,
     sha256           TEXT,
-    status           TEXT        NOT NULL CHECK (status IN ('loaded', 'failed')),
+    status           TEXT        NOT NULL CHECK (status IN ('new', 'loaded', 'failed', 'error', 'partial')),
     records_read     BIGINT      NOT NULL DEFAULT 0,
     records_rejected BIGINT      NOT NULL DEFAULT 0,
     rows_inserted    BIGINT      NOT NULL DEFAULT 0,
@@ -94,6 +107,18 @@ CREATE TABLE IF NOT EXISTS ingest_files (
     loaded_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
     run_id           BIGINT      REFERENCES ingest_runs (run_id) ON DELETE SET NULL
 );
+ALTER TABLE ingest_files ADD COLUMN IF NOT EXISTS records_done BIGINT NOT NULL DEFAULT 0;
+DO $$
+BEGIN
+    -- A manifest made by version 0.1 allows only 'loaded' and 'failed'.
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'ingest_files_status_check'
+                   AND pg_get_constraintdef(oid) LIKE '%partial%') THEN
+        ALTER TABLE ingest_files DROP CONSTRAINT IF EXISTS ingest_files_status_check;
+        ALTER TABLE ingest_files ADD CONSTRAINT ingest_files_status_check
+            CHECK (status IN ('new', 'loaded', 'failed', 'error', 'partial'));
+    END IF;
+END
+$$;
 
 -- Keys written during a run in --on-conflict update mode, so that a later file of the same run
 -- does not overwrite a key an earlier file set (first in order wins in both modes). Unlogged and

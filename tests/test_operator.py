@@ -146,9 +146,15 @@ def test_help_lists_every_flag_with_its_variable_and_default():
                           check=False, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0
     options = " ".join(proc.stdout.split()).split(" -")  # one entry per option, white space folded
-    for flag, env, _, _ in ingest.SETTINGS:
+    expected = [("--data-dir", "DATA_DIR", "./Task-0/extracted_data"), ("--source-timezone", "SOURCE_TIMEZONE", "UTC"),
+                ("--batch-size", "BATCH_SIZE", "2000"), ("--on-conflict", "ON_CONFLICT", "nothing"),
+                ("--workers", "WORKERS", "1"), ("--reject-file", "REJECT_FILE", "./rejects/rejects.jsonl"),
+                ("--connect-timeout", "CONNECT_TIMEOUT", "5"), ("--statement-timeout", "STATEMENT_TIMEOUT", "0"),
+                ("--stall-timeout", "STALL_TIMEOUT", "120"), ("--log-level", "LOG_LEVEL", "INFO"),
+                ("--log-format", "LOG_FORMAT", "text")]
+    for flag, env, default in expected:  # written out: the help and this list are two sources
         (entry,) = [o for o in options if o.startswith(flag[1:] + " ")]
-        assert f"(env {env}; default {ingest.DEFAULTS[env]})" in entry
+        assert f"(env {env}; default {default})" in entry
     for flag in ("--dry-run", "--force", "--quiet", "--summary-json", "--env-file", "--no-bootstrap", "--version"):
         assert flag in proc.stdout
     assert "status" in proc.stdout and "Exit codes" in proc.stdout

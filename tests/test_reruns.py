@@ -75,8 +75,8 @@ def test_failed_file_is_recorded_and_skipped_until_it_changes(run, db):
     path = run.write("a.json", "[{broken")
     assert run() == 1
     assert db.query("SELECT status, error LIKE 'invalid JSON%%' FROM ingest_files") == [("failed", True)]
-    assert run() == 0
-    assert run.summary()["files"][0]["status"] == "skipped"
+    assert run() == 1  # not parsed again, but not loaded either: never a clean exit
+    assert run.summary()["files"][0]["status"] == "failed_before"
     path.write_text(json.dumps([rec()]))
     assert run() == 0
     assert db.count() == 1 and db.query("SELECT status FROM ingest_files") == [("loaded",)]
@@ -227,17 +227,15 @@ def test_lasting_outage_mid_run_ends_with_exit_3(run, db, monkeypatch, capsys):
     run.write("b.json", [rec(ts="2024-01-01T00:00:01Z")])
     monkeypatch.setattr(ingest, "RETRY_FIRST_DELAY", 0.01)
     monkeypatch.setattr(ingest, "RETRY_MAX_DELAY", 0.02)
-    real_load_once = ingest._Loader._load_once
-    calls = {"n": 0}
+    real_load_file = ingest._Loader._load_file
 
-    def flaky(self, df):
-        calls["n"] += 1
+    def flaky(self, conn, df, wait_ms):
         if df.rel == "b.json":
-            self.conn.close()  # the server "goes away" for good while b.json loads
+            conn.close()  # the server "goes away" for good while b.json loads
             monkeypatch.setitem(self.cfg.conninfo, "port", 1)
-        return real_load_once(self, df)
+        return real_load_file(self, conn, df, wait_ms)
 
-    monkeypatch.setattr(ingest._Loader, "_load_once", flaky)
+    monkeypatch.setattr(ingest._Loader, "_load_file", flaky)
     assert run() == 3
     err = capsys.readouterr().err
     assert "error: cannot connect to" in err or "gave up after" in err

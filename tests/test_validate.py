@@ -6,7 +6,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ingest import METRICS, Row, ValidationError, validate_record
+from ingest import Row, ValidationError, validate_record
 from tests.conftest import rec
 
 UTC = dt.UTC
@@ -18,7 +18,7 @@ def test_valid_record_becomes_a_row():
     assert type(row.value) is float
 
 
-@pytest.mark.parametrize("metric", sorted(METRICS))
+@pytest.mark.parametrize("metric", ["heart_rate", "spo2", "hrv", "breath_rate", "activity", "active_zone_minute"])
 def test_every_metric_is_accepted(metric):
     assert validate_record(rec(metric=metric)).metric == metric
 
@@ -75,7 +75,7 @@ def test_extra_keys_are_ignored():
     (rec(user="a" * 256), "user_id is 256 characters long"),
     (rec(user="a\x00b"), "NUL character"),
     (rec(user="a\ud800b"), "unpaired surrogate"),
-    (rec(metric="steps"), "unknown metric 'steps'"),
+    (rec(metric="steps"), 'unknown metric "steps"'),
     (rec(metric="Heart_Rate"), "did you mean 'heart_rate'"),
     (rec(metric=" spo2 "), "did you mean 'spo2'"),
     (rec(metric=None), "metric must be a string, got null"),
@@ -83,19 +83,19 @@ def test_extra_keys_are_ignored():
     (rec(ts=1704067200), "timestamp must be an ISO 8601 string, got number"),
     (rec(ts="2024-01-01"), "date without a time of day"),
     (rec(ts="yesterday"), "is not ISO 8601"),
-    (rec(ts="2024-02-30T00:00:00"), "does not exist: day is out of range"),
-    (rec(ts="2024-01-01T24:00:00"), "does not exist: hour must be in 0..23"),
-    (rec(ts="2024-01-01T23:59:60"), "does not exist: second must be in 0..59"),
-    (rec(ts="0000-01-01T00:00:00"), "does not exist: year 0 is out of range"),
+    (rec(ts="2024-02-30T00:00:00"), "is not a real date and time (day is out of range"),
+    (rec(ts="2024-01-01T24:00:00"), "is not a real date and time (hour must be in 0..23"),
+    (rec(ts="2024-01-01T23:59:60"), "is not a real date and time (second must be in 0..59"),
+    (rec(ts="0000-01-01T00:00:00"), "is not a real date and time (year 0 is out of range"),
     (rec(ts="0001-01-01T00:00:00+05:00"), "outside years 1..9999"),
     (rec(ts="20240101T000000"), "is not ISO 8601"),
     (rec(value=None), "value must be a number, got null"),
     (rec(value="72"), "value must be a number, got string"),
     (rec(value=True), "value must be a number, got boolean"),
     (rec(value=[72]), "value must be a number, got array"),
-    (rec(value=float("nan")), "value must be a finite number, got nan"),
-    (rec(value=float("inf")), "value must be a finite number, got inf"),
-    (rec(value=float("-inf")), "value must be a finite number, got -inf"),
+    (rec(value=float("nan")), "value NaN is not a finite number"),
+    (rec(value=float("inf")), "value Infinity is not a finite number"),
+    (rec(value=float("-inf")), "value -Infinity is not a finite number"),
     (rec(value=10**400), "too large for a double"),
 ])
 def test_invalid_records_are_rejected_with_a_reason(obj, reason):

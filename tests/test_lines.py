@@ -1,0 +1,138 @@
+"""One source of validation truth, without a database.
+
+The hot path turns a decoded record into its COPY line through ``_LineMaker``, a cache in front of
+``validate_record``, and decodes JSON with a fast decoder that falls back to a careful one. These
+properties say that neither shortcut can change an outcome: for any sequence of records (so that
+the caches are warm with look-alikes), the line, or the reason for a reject, is exactly what
+``validate_record`` alone gives; and any JSON text decodes to a record that validates the same
+way on the fast and the careful path.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ingest
+
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "200"))
+
+users = st.one_of(st.sampled_from(["u1", "u2", 'q\t"\\N', "", " ", "x" * 256, "a\x00b", "\ud800"]),
+                  st.text(max_size=8))
+metrics = st.one_of(st.sampled_from(sorted(ingest.METRICS)), st.sampled_from(["Heart_Rate", "steps", ""]))
+stamps = st.one_of(
+    st.sampled_from(["2024-01-01T00:00:00", "2024-01-01T00:00:00Z", "2024-01-01T00:00:00+00:00",
+                     "2024-01-01T01:00:00+01:00", "2024-01-01 00:00:00.5Z", "2024-03-31T02:30:00",
+                     "2024-10-27T02:30:00", "2024-02-30T00:00:00Z", "2024-01-01T00:00:00+99:00", "2024-01-01"]),
+    st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)).map(
+        lambda d: d.isoformat(timespec="seconds")),
+    st.datetimes(timezones=st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=-5, minutes=-30))]),
+                 min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)).map(dt.datetime.isoformat),
+)
+numbers = st.one_of(st.sampled_from([0, 0.0, -0.0, 1, 1.0, -1, 60, 60.0, 300, 300.00000000001, 20, 19.999, 1e-320,
+                                     True, False, None, "60", [60]]),
+                    st.integers(min_value=-10, max_value=200_000), st.floats(allow_nan=True),
+                    st.fractions().map(float))
+records = st.one_of(
+    st.fixed_dictionaries({"user_id": users, "metric": metrics, "timestamp": stamps, "value": numbers},
+                          optional={"extra": st.integers()}),
+    st.dictionaries(st.sampled_from(ingest.REQUIRED_KEYS), st.none() | st.integers() | st.text(max_size=3)),
+    st.none() | st.integers() | st.lists(st.integers(), max_size=2),
+)
+
+
+def truth(obj, tz) -> tuple:
+    """What validate_record alone says: the COPY line and epoch, or the reason."""
+    try:
+        row = ingest.validate_record(obj, tz)
+    except ingest.ValidationError as exc:
+        return ("reject", str(exc))
+    return ("line", ingest._copy_line(row), int(row.timestamp.timestamp()))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(records, min_size=1, max_size=30), st.sampled_from([dt.UTC, ZoneInfo("Europe/Berlin")]))
+def test_the_line_cache_gives_exactly_what_validate_record_gives(sequence, tz):
+    make_line = ingest._LineMaker(tz)
+    for obj in sequence + sequence:  # the second pass meets every record with warm caches
+        try:
+            key, tail, epoch = make_line(obj)
+            got = ("line", key + tail, epoch)
+        except ingest.ValidationError as exc:
+            got = ("reject", str(exc))
+        assert got == truth(obj, tz)
+
+
+@pytest.mark.parametrize("first, second", [(0, -0.0), (-0.0, 0), (0.0, -0.0), (1, True), (60, 60.0)])
+def test_look_alike_values_keep_their_own_line(first, second):
+    """0 == -0.0 == False as dict keys: the cache must not hand one the other's line."""
+    make_line = ingest._LineMaker(dt.UTC)
+    for value in (first, second):
+        obj = {"user_id": "u1", "metric": "hrv", "timestamp": "2024-01-01T00:00:00Z", "value": value}
+        try:
+            key, tail, _ = make_line(obj)
+            assert ("line", key + tail) == truth(obj, dt.UTC)[:2]
+        except ingest.ValidationError as exc:
+            assert truth(obj, dt.UTC) == ("reject", str(exc))
+
+
+json_values = st.one_of(
+    st.sampled_from(["60", "60.0", "-0.0", "1e-400", "1e309", "9" * 5000, "300.00000000001", "true", "null",
+                     '"60"', "[60]", "0.0000000000000001", "NaN", "Infinity"]),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr), st.integers().map(str))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.tuples(json_values, st.booleans(), st.sampled_from(["heart_rate", "hrv", "activity"])),
+                min_size=1, max_size=40))
+def test_fast_and_careful_decoding_validate_alike(items):
+    """A batch read by the fast decoder validates exactly as each record read carefully."""
+    texts = []
+    for i, (value, repeat_key, metric) in enumerate(items):
+        extra = f', "value": {value}' if repeat_key else ""
+        texts.append(f'{{"user_id": "u1", "metric": "{metric}", "timestamp": "2024-01-01T00:00:{i % 60:02d}Z", '
+                     f'"value": {value}{extra}}}')
+    batch = ",\n".join(texts)
+    try:
+        fast = json.loads(f"[{batch}]")
+    except (ValueError, RecursionError):
+        fast = None
+    if fast is not None and ingest._fast_is_exact(batch, fast):
+        for obj, text in zip(fast, texts, strict=True):
+            assert as_reported(obj, text) == truth(ingest._CAREFUL.decode(text), dt.UTC)
+    for text in texts:  # JSON Lines: one line at a time, through the same choice
+        assert as_reported(ingest._decode_line(text), text) == truth(ingest._CAREFUL.decode(text), dt.UTC)
+
+
+def as_reported(obj, text: str) -> tuple:
+    """What the pipeline reports for a fast-decoded record: a reject's reason comes from its text."""
+    got = truth(obj, dt.UTC)
+    if got[0] == "reject":
+        return ("reject", ingest._reason_as_written(text, ingest.ValidationError(got[1]), dt.UTC))
+    return got
+
+
+def test_batch_decoding_runs_across_read_chunk_boundaries(tmp_path, monkeypatch):
+    """Windows of a few KB: many batches, each cut between records, some records split by a read."""
+    monkeypatch.setattr(ingest, "READ_CHUNK_CHARS", 8192)
+    records = [{"user_id": f"u{i % 7}", "metric": "heart_rate", "timestamp": f"2024-01-01T{i // 3600:02d}:"
+                f"{i // 60 % 60:02d}:{i % 60:02d}Z", "value": 60 + i % 50} for i in range(5000)]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(records, indent=2))
+    batches = []
+    real = ingest._Buffer.decode_batch
+
+    def counting(self):
+        got = real(self)
+        batches.append(got is not None)
+        return got
+
+    monkeypatch.setattr(ingest._Buffer, "decode_batch", counting)
+    df = ingest.DataFile(path, "a.json", "json")
+    assert [obj for _, obj in df.records()] == records
+    assert sum(batches) > 20  # the batch decoder did the work, window after window
