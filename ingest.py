@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import gzip
@@ -42,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -107,6 +108,8 @@ DEFAULTS = {
     "REJECT_FILE": "./rejects/rejects.jsonl",
     "LOG_LEVEL": "INFO",
     "LOG_FORMAT": "text",
+    "FORMAT": "auto",
+    "USER_ID": "",
 }
 
 UTC = dt.UTC
@@ -131,6 +134,8 @@ class Config:
     log_format: str = "text"
     statement_timeout: int = 0  # seconds; 0 = none
     stall_timeout: int = 120  # seconds a database call may go without progress
+    source_format: str = "auto"  # auto | flat | fitbit-takeout | fitbit-api
+    user_id: str | None = None  # for Fitbit files (they carry none); None: derived from the directory
 
     def describe_db(self) -> str:
         return _describe(self.conninfo)
@@ -470,9 +475,10 @@ def _escape_name(name: str) -> str:
 class DataFile:
     path: Path
     rel: str  # path relative to DATA_DIR, "/" separators, escaped: the name used everywhere
-    kind: str  # "json" or "jsonl"; "" for a directory that could not be listed
+    kind: str  # "json", "jsonl", a Fitbit kind (FITBIT_KINDS), "ignored", or "" (could not be listed)
     gzipped: bool = False
     error: str | None = None  # set when the file (or directory) could not even be listed
+    user_id: str | None = None  # for Fitbit files, which carry none
 
     def records(self, digest: Digest | None = None) -> RecordStream:
         """The file's records, streamed: iterate for (position, value) pairs."""
@@ -492,6 +498,8 @@ class RecordStream:
         self._batch, self._first = _BatchText(""), 0  # the text the last values came from
 
     def raw(self, position: int) -> str:
+        if self._batch is None:  # a record a Fitbit reader made: its mapped form is its text
+            return json.dumps(self._record, ensure_ascii=False)
         return self._batch.item(position - self._first)
 
     def _one(self, position: int, text: str) -> None:
@@ -503,8 +511,10 @@ class RecordStream:
             with _open_text(df.path, df.gzipped, self.digest) as text:
                 if df.kind == "jsonl":
                     yield from self._lines(text)
-                else:
+                elif df.kind == "json":
                     yield from self._document(_Buffer(text))
+                else:
+                    yield from self._fitbit(text)
                 while text.buffer.read(READ_CHUNK_CHARS):  # bytes after the last record
                     pass
         except (FileFormatError, FileReadError):
@@ -564,6 +574,13 @@ class RecordStream:
                 if separator == "":
                     raise FileFormatError("file ends inside the JSON array (truncated?)")
                 raise FileFormatError(f"invalid JSON at {buf.where(buf.pos - 1)}: expected ',' or ']'")
+
+    # --- Fitbit exports and API responses: records mapped from the source's own shape ---------
+    def _fitbit(self, text: io.TextIOBase) -> Iterator[tuple[int, object]]:
+        self._batch = None
+        for position, record in read_fitbit(self.df.kind, text, self.df.user_id or ""):
+            self._record = record if type(record) is not Unparsable else record.text
+            yield position, record
 
     # --- JSON Lines: one record per line; a bad line is a rejected record ---------------------
     def _lines(self, text: io.TextIOBase) -> Iterator[tuple[int, object]]:
@@ -869,9 +886,12 @@ def _deep_nesting_at(text: str, start: int) -> int:
     return start
 
 
-def load_files(data_dir: Path) -> Iterator[DataFile]:
-    """Yield the loadable files under ``data_dir`` in sorted relative-path order.
+def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None = None) -> Iterator[DataFile]:
+    """Yield the files under ``data_dir`` in sorted relative-path order, each with its kind.
 
+    ``source_format`` ("auto", "flat", "fitbit-takeout", "fitbit-api") says which kinds to load;
+    "auto" tells them apart per file, from the name and the first bytes. A file of no kind to
+    load (a Takeout export's sleep or profile files, say) is yielded as "ignored", to be counted.
     Directory symlinks are not followed (no loops); a file symlink is followed only when its
     target lies inside ``data_dir``. FIFOs, sockets and devices are skipped (never opened). A
     directory that cannot be listed, or a file that cannot be looked at, is yielded with its
@@ -879,6 +899,7 @@ def load_files(data_dir: Path) -> Iterator[DataFile]:
     """
     root = data_dir.resolve()
     found: list[DataFile] = []
+    derived: dict[str, str] = {}
 
     def unlistable(exc: OSError) -> None:
         rel = _escape_name(Path(exc.filename).relative_to(root).as_posix()) + "/"
@@ -888,23 +909,61 @@ def load_files(data_dir: Path) -> Iterator[DataFile]:
         dirs.sort()
         for name in names:
             path = Path(folder, name)
-            kind, gzipped = _kind_of(name)
             rel = _escape_name(path.relative_to(root).as_posix())
-            if kind is None:
-                log.debug("skipping %s: not a .json/.jsonl/.ndjson file (or .gz of one)", rel)
-                continue
             error = _unloadable(path, root, rel)
-            if error != "skip":
-                found.append(DataFile(path, rel, kind, gzipped, error))
+            if error == "skip":
+                continue
+            kind, gzipped = _kind_of(path, rel, source_format) if error is None else ("json", False)
+            owner = None
+            if kind in FITBIT_KINDS:
+                owner = user_id or derive_user_id(root, path, kind=kind)
+                if not user_id and owner not in derived:
+                    derived[owner] = rel
+                    log.info("%s and the files beside it carry no user id: loading them as user %r "
+                             "(set USER_ID or --user-id to choose one)", rel, owner)
+            if kind is None:
+                log.debug("skipping %s: not a file this loader reads", rel)
+                continue
+            found.append(DataFile(path, rel, kind, gzipped, error, owner))
+    if source_format == "auto":  # beside Fitbit files, a JSON file without records is one more of theirs
+        fitbit_dirs = {df.path.parent for df in found if df.kind in FITBIT_KINDS}
+        found = [dataclasses.replace(df, kind="ignored") if df.kind == "json" and df.error is None
+                 and df.path.parent in fitbit_dirs and b'"user_id"' not in _head(df.path) else df for df in found]
     yield from sorted(found, key=lambda df: df.rel)
 
 
-def _kind_of(name: str) -> tuple[str | None, bool]:
-    lower = name.lower()
+_EXPORT_DIRS = ("takeout", "fitbit", "global export data")
+
+
+def _kind_of(path: Path, rel: str, source_format: str) -> tuple[str | None, bool]:
+    """(kind, gzipped): the flat format by extension, a Fitbit kind by name and content,
+    "ignored" for a file inside an export that holds nothing to load, None for anything else."""
+    lower = path.name.lower()
     gzipped = lower.endswith(".gz")
-    if gzipped:
-        lower = lower[:-3]
-    return _KINDS.get(os.path.splitext(lower)[1]), gzipped
+    flat = _KINDS.get(os.path.splitext(lower[:-3] if gzipped else lower)[1])
+    if source_format == "flat":
+        return flat, gzipped
+    fitbit = None
+    if not gzipped and lower.endswith((".json", ".csv")):
+        fitbit = fitbit_kind(rel, _head(path))
+    if fitbit is not None and source_format in ("auto", fitbit_format(fitbit)):
+        return fitbit, False
+    in_export = any(part.lower() in _EXPORT_DIRS for part in PurePosixPath(rel).parts[:-1])
+    if source_format != "auto" or in_export:
+        # A data file of the flat format stays one, wherever it lies.
+        if flat is not None and source_format == "auto" and b'"user_id"' in _head(path):
+            return flat, gzipped
+        return ("ignored" if (in_export or fitbit is not None or flat is not None or lower.endswith(".csv"))
+                else None), False
+    return flat, gzipped
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4096)
+    except OSError:
+        return b""
 
 
 def _unloadable(path: Path, root: Path, rel: str) -> str | None:
@@ -926,6 +985,799 @@ def _unloadable(path: Path, root: Path, rel: str) -> str | None:
         log.warning("skipping %s: not a regular file", rel)
         return "skip"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading real Fitbit data: Google Takeout exports and saved Fitbit Web API responses
+# ---------------------------------------------------------------------------------------------
+# These readers only translate a source's shape into the flat record model: timestamps become
+# ISO 8601 text ("...Z" where the source is documented as UTC, naive where it is the user's wall
+# time, read in SOURCE_TIMEZONE), numeric strings become numbers, and anything else is passed
+# through for validate_record to reject with its reason. A structurally broken item is an
+# Unparsable; a file that cannot be read as its kind raises FileFormatError. Format facts and
+# their sources: docs/fitbit.md.
+FITBIT_READ_CHUNK_CHARS = 256 * 1024  # window step of the streaming JSON-array reader
+FITBIT_MAX_ITEM_CHARS = 1024 * 1024  # one Takeout array item larger than this fails the file
+FITBIT_MAX_API_BODY_CHARS = 64 * 1024 * 1024  # an API response body is read whole; larger fails the file
+FITBIT_MAX_CSV_FIELD_CHARS = 64 * 1024
+FITBIT_MAX_SHOWN_CHARS = 4096  # Unparsable.text is cut here (the loader cuts again, to 1,000)
+
+# ---------------------------------------------------------------------------------------------
+# Kinds and detection
+# ---------------------------------------------------------------------------------------------
+FITBIT_TAKEOUT_KINDS = (
+    "takeout-heart-rate", "takeout-steps", "takeout-heart-rate-csv", "takeout-steps-csv",
+    "takeout-spo2-csv", "takeout-hrv-csv", "takeout-breath-csv", "takeout-azm-csv",
+)
+FITBIT_API_KINDS = ("api-heart", "api-steps", "api-spo2", "api-hrv", "api-br", "api-azm")
+FITBIT_KINDS = FITBIT_TAKEOUT_KINDS + FITBIT_API_KINDS
+
+_fb_DATE = r"\d{4}-\d{2}-\d{2}"
+# Matched against the lower-cased basename. Order matters only where patterns could overlap.
+_fb_NAME_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), kind) for pattern, kind in (
+        # Older layout: Takeout/Fitbit/Global Export Data/ (also the fitbit.com account export's
+        # "Physical Activity/" folder): one JSON array per day (heart rate) or period (steps).
+        (rf"heart_rate-{_fb_DATE}[^/]*\.json", "takeout-heart-rate"),
+        (rf"steps-{_fb_DATE}[^/]*\.json", "takeout-steps"),
+        # Per-type folders (Takeout/Fitbit/<Type>/<File Name> - <date>.csv); the date part of
+        # these names varies (per day, per month, "2024-07-(21)"), so only the stem is matched.
+        (r"minute spo2( - [^/]*)?\.csv", "takeout-spo2-csv"),
+        (r"heart rate variability details( - [^/]*)?\.csv", "takeout-hrv-csv"),
+        (r"(daily )?respiratory rate summary( - [^/]*)?\.csv", "takeout-breath-csv"),
+        (r"active zone minutes( - [^/]*)?\.csv", "takeout-azm-csv"),
+        # Newest layout: Takeout/Fitbit/<...>_GoogleData/<type>_YYYY-MM-DD.csv, timestamps in UTC.
+        (rf"heart_rate_{_fb_DATE}\.csv", "takeout-heart-rate-csv"),
+        (rf"steps_{_fb_DATE}\.csv", "takeout-steps-csv"),
+        (rf"heart_rate_variability_{_fb_DATE}\.csv", "takeout-hrv-csv"),
+        (rf"respiratory_rate_sleep_summary_{_fb_DATE}\.csv", "takeout-breath-csv"),
+        (rf"daily_respiratory_rate_{_fb_DATE}\.csv", "takeout-breath-csv"),
+        (rf"active_zone_minutes_{_fb_DATE}\.csv", "takeout-azm-csv"),
+    )
+)
+
+# Content sniffing for saved Web API bodies (first <= 4 KB). A key must appear as an object key.
+_fb_KEY = r'"{}"\s*:'
+_fb_API_SNIFF: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), kind) for pattern, kind in (
+        (_fb_KEY.format("activities-active-zone-minutes-intraday"), "api-azm"),
+        (_fb_KEY.format("activities-heart-intraday"), "api-heart"),
+        (_fb_KEY.format("activities-steps-intraday"), "api-steps"),
+        (_fb_KEY.format("br"), "api-br"),
+    )
+)
+_fb_HRV_KEY = re.compile(_fb_KEY.format("hrv"))
+_fb_MINUTES_LIST = re.compile(r'"minutes"\s*:\s*\[')
+_fb_MINUTE_KEY = re.compile(_fb_KEY.format("minute"))
+
+
+def fitbit_kind(rel_path: str, head: bytes) -> str | None:
+    """The kind of a Fitbit file from its name and its first bytes, or None if it holds no data
+    these readers load (sleep, profile, READMEs, daily summaries, other exports...).
+
+    A known Takeout data-file name decides, except that a ``.json`` file whose first bytes show
+    the top-level keys of a Web API response is read as that response whatever its name. Other
+    ``.json`` files are recognised as API responses by those keys alone. A Takeout name whose
+    content looks wrong keeps its Takeout kind, so that the reader reports why it is broken.
+    """
+    name = PurePosixPath(rel_path.replace("\\", "/")).name.lower()
+    text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    api_kind = _fb_sniff_api(text) if name.endswith(".json") else None
+    for pattern, kind in _fb_NAME_PATTERNS:
+        if pattern.fullmatch(name):
+            return api_kind or kind
+    return api_kind
+
+
+def _fb_sniff_api(text: str) -> str | None:
+    if text[:1] not in ("{", "["):
+        return None
+    for pattern, kind in _fb_API_SNIFF:
+        if pattern.search(text):
+            return kind
+    if _fb_HRV_KEY.search(text):
+        # Intraday bodies list "minutes"; daily summaries (value.dailyRmssd) are not loaded.
+        return "api-hrv" if _fb_MINUTES_LIST.search(text) else None
+    if _fb_MINUTES_LIST.search(text) and _fb_MINUTE_KEY.search(text):
+        return "api-spo2"
+    return None
+
+
+def fitbit_format(kind: str) -> str:
+    """'fitbit-takeout' or 'fitbit-api' (the loader's source-format label for a kind)."""
+    if kind in FITBIT_TAKEOUT_KINDS:
+        return "fitbit-takeout"
+    if kind in FITBIT_API_KINDS:
+        return "fitbit-api"
+    raise ValueError(f"unknown Fitbit kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# User id
+# ---------------------------------------------------------------------------------------------
+_fb_GENERIC_DIRS = {"takeout", "fitbit"}
+_fb_TAKEOUT_PART = re.compile(r"(?i)(takeout-\d{8}T\d{6}Z)-\d{3}")  # multi-part archive folders
+_fb_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]+")
+
+
+def derive_user_id(data_dir: Path, file_path: Path, *, kind: str | None = None) -> str:
+    """A stable, readable user id for a file when none is configured.
+
+    Rule: the name of the export's own directory --
+      1. the directory that contains a ``Takeout`` folder on the file's path
+         (``DATA/alice/Takeout/Fitbit/...`` -> ``alice``);
+      2. otherwise the top folder under ``data_dir`` (``DATA/bob/Fitbit/...`` -> ``bob``),
+         skipping the generic names ``Takeout`` and ``Fitbit``;
+      3. otherwise (the file sits directly in, or only under generic folders of, ``data_dir``)
+         the name of ``data_dir`` itself.
+    A multi-part archive folder ``takeout-20240102T030405Z-001`` (-002, ...) counts as
+    ``takeout-20240102T030405Z``, so all parts of one export get one id. The name is kept as it
+    is except that runs of characters other than letters, digits and ``._@-`` become ``_``; the
+    result is ``takeout-<name>`` (``api-<name>`` for an ``api-*`` kind), and a name that already
+    starts with that prefix is not prefixed twice. Pure function of the two paths (no I/O).
+    """
+    data_dir, file_path = Path(os.path.abspath(data_dir)), Path(os.path.abspath(file_path))
+    try:
+        parts = file_path.relative_to(data_dir).parts[:-1]
+    except ValueError:
+        parts = file_path.parts[-2:-1]
+    name = ""
+    for index, part in enumerate(parts):
+        if part.lower() == "takeout":
+            name = parts[index - 1] if index > 0 else ""
+            break
+    else:
+        name = next((p for p in parts if p.lower() not in _fb_GENERIC_DIRS), "")
+    if not name:
+        name = data_dir.name or "export"
+    name = _fb_TAKEOUT_PART.sub(r"\1", name)
+    name = _fb_UNSAFE.sub("_", name).strip("_") or "export"
+    prefix = "api-" if kind is not None and kind.startswith("api-") else "takeout-"
+    if name.lower().startswith(prefix):
+        return name[:255]
+    return (prefix + name)[:255]
+
+
+# ---------------------------------------------------------------------------------------------
+# Value and time conversion (translation only; the validator judges)
+# ---------------------------------------------------------------------------------------------
+_fb_INT_TEXT = re.compile(r"[+-]?\d+")
+_fb_FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
+
+
+def _fb_number(value: object) -> object:
+    """A numeric string -> int/float (surrounding blanks ignored); everything else unchanged."""
+    if type(value) is str:
+        text = value.strip()
+        if _fb_INT_TEXT.fullmatch(text):
+            return int(text)
+        if _fb_FLOAT_TEXT.fullmatch(text):
+            return float(text)
+    return value
+
+
+_fb_LEGACY_TIME = re.compile(
+    r"\s*(\d{1,2})/(\d{1,2})/(\d{2}|\d{4})[ T](\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d+)?))?\s*")
+_fb_ISO_TIME = re.compile(
+    r"\s*(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})(:\d{2}(?:[.,]\d+)?)?\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?\s*")
+_fb_NORMAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z?")
+_fb_DATE_ONLY = re.compile(r"\s*(\d{4}-\d{2}-\d{2})\s*")
+_fb_CLOCK = re.compile(r"\s*(\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d+)?))?\s*")
+
+
+def _fb_legacy_utc(text: object) -> object:
+    """Takeout's "MM/DD/YY HH:MM:SS" (UTC) -> "20YY-MM-DDTHH:MM:SSZ"; unknown text unchanged.
+
+    Two-digit years are 20YY (Fitbit devices date from 2009; Python's %y pivot would turn 69..99
+    into 19xx). Missing seconds become ":00". The result is not checked for being a real date:
+    "02/30/20 ..." becomes "2020-02-30T...Z" and the validator says why it is wrong.
+    """
+    if type(text) is not str:
+        return text
+    if len(text) == 17 and text[2] == "/" and text[5] == "/" and text[8] == " " and text[11] == ":" \
+            and text[14] == ":":  # the usual "MM/DD/YY HH:MM:SS", without the regex
+        digits = text[0:2] + text[3:5] + text[6:8] + text[9:11] + text[12:14] + text[15:17]
+        if digits.isascii() and digits.isdigit():
+            return f"20{text[6:8]}-{text[0:2]}-{text[3:5]}T{text[9:17]}Z"
+    m = _fb_LEGACY_TIME.fullmatch(text)
+    if not m:
+        return text
+    month, day, year, hour, minute, second = m.groups()
+    if len(year) == 2:
+        year = "20" + year
+    return f"{year}-{int(month):02d}-{int(day):02d}T{int(hour):02d}:{minute}:{second or '00'}Z"
+
+
+def _fb_iso(text: object, *, date_only_midnight: bool = False) -> object:
+    """An ISO-like CSV/API timestamp -> "YYYY-MM-DDTHH:MM:SS[.f][offset]" (offset/Z kept as
+    given, naive stays naive); a bare date -> midnight only where asked; else unchanged."""
+    if type(text) is not str:
+        return text
+    if _fb_NORMAL_TIME.fullmatch(text):  # already "YYYY-MM-DDTHH:MM:SS[Z]": the common case
+        return text
+    m = _fb_ISO_TIME.fullmatch(text)
+    if m:
+        date, hm, sec, offset = m.groups()
+        sec = (sec or ":00").replace(",", ".")
+        if offset in ("z",):
+            offset = "Z"
+        return f"{date}T{hm}{sec}{offset or ''}"
+    if date_only_midnight:
+        m = _fb_DATE_ONLY.fullmatch(text)
+        if m:
+            return f"{m.group(1)}T00:00:00"
+    return text
+
+
+def _fb_on_date(date: str, clock: object) -> object:
+    """API date "YYYY-MM-DD" + clock "HH:MM[:SS]" (or an already complete timestamp) -> naive ISO."""
+    if type(clock) is not str:
+        return clock
+    m = _fb_CLOCK.fullmatch(clock)
+    if m:
+        hour, minute, second = m.groups()
+        return f"{date}T{int(hour):02d}:{minute}:{second or '00'}"
+    return _fb_iso(clock)
+
+
+def _fb_record(user_id: str, metric: str, timestamp: object, value: object) -> dict:
+    return {"user_id": user_id, "metric": metric, "timestamp": timestamp, "value": value}
+
+
+def _fb_shown(value: object) -> str:
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text[:FITBIT_MAX_SHOWN_CHARS]
+
+
+def _fb_json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+def read_fitbit(kind: str, text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """Yield (position, record) for one file of the given kind (see the module docstring).
+
+    ``text`` should be opened with ``newline=""`` (as the loader does) so that CSV fields with
+    embedded line breaks and CR/LF line ends are read exactly; a leading BOM is ignored.
+    Raises FileFormatError for whole-file problems.
+    """
+    reader = _fb_READERS.get(kind)
+    if reader is None:
+        raise ValueError(f"unknown Fitbit kind {kind!r}")
+    return reader(text, user_id)  # a generator: FileFormatError surfaces while iterating
+
+
+# ---------------------------------------------------------------------------------------------
+# Takeout JSON arrays, streamed
+# ---------------------------------------------------------------------------------------------
+_fb_WS = re.compile(r"[ \t\n\r]*")
+_fb_DECODER = json.JSONDecoder()
+
+
+class _fb_ArrayStream:
+    """Items of a top-level JSON array from a text stream, holding at most a window in memory.
+
+    Fast path: the window up to its last "}," is decoded as one array by the C decoder (a cut can
+    only parse when it falls between two items). Otherwise items are decoded one by one with
+    ``raw_decode``. Invalid or truncated JSON raises FileFormatError: the loader fails such a file
+    as a whole, as it does for its own JSON arrays.
+    """
+
+    def __init__(self, stream: io.TextIOBase) -> None:
+        self.stream, self.buf, self.pos, self.eof, self.consumed = stream, "", 0, False, 0
+
+    def _fill(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.stream.read(FITBIT_READ_CHUNK_CHARS)
+        self.consumed += self.pos
+        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        self.eof = not chunk
+        return bool(chunk)
+
+    def _peek(self) -> str:
+        while True:
+            self.pos = _fb_WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self._fill():
+                return self.buf[self.pos:self.pos + 1]
+
+    def _where(self, pos: int) -> str:
+        return f"character {self.consumed + pos + 1}"
+
+    def items(self) -> Iterator[object]:
+        self._fill()
+        if self.buf.startswith("\ufeff"):
+            self.pos = 1
+        first = self._peek()
+        if first == "":
+            raise FileFormatError("file is empty (expected a JSON array)")
+        if first != "[":
+            raise FileFormatError(f"expected a JSON array, found {first!r} at {self._where(self.pos)}")
+        self.pos += 1
+        if self._peek() == "]":
+            self.pos += 1
+        else:
+            while True:
+                batch = self._batch()
+                if batch is not None:
+                    yield from batch
+                    continue
+                if self._peek() == "":
+                    raise FileFormatError("file ends inside the JSON array (truncated?)")
+                yield self._one()
+                sep = self._peek()
+                self.pos += 1
+                if sep == "]":
+                    break
+                if sep != ",":
+                    if sep == "":
+                        raise FileFormatError("file ends inside the JSON array (truncated?)")
+                    raise FileFormatError(f"invalid JSON at {self._where(self.pos - 1)}: expected ',' or ']'")
+        if self._peek() != "":
+            raise FileFormatError(f"unexpected data after the JSON array at {self._where(self.pos)}")
+
+    def _batch(self) -> list | None:
+        if len(self.buf) - self.pos < FITBIT_READ_CHUNK_CHARS // 2:
+            self._fill()
+        cut = self.buf.rfind("},", self.pos)
+        if cut < 0 or cut - self.pos < 4096:
+            return None
+        try:
+            items = json.loads("[" + self.buf[self.pos:cut + 1] + "]")
+        except (ValueError, RecursionError):
+            return None
+        self.pos = cut + 2
+        return items
+
+    def _one(self) -> object:
+        while True:
+            start = self.pos
+            try:
+                value, end = _fb_DECODER.raw_decode(self.buf, start)
+                if end < len(self.buf) or self.eof:  # a number at the window's end may go on
+                    self.pos = end
+                    return value
+            except json.JSONDecodeError as exc:
+                if self.eof:
+                    if exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buf.rstrip()):
+                        raise FileFormatError(
+                            f"file ends inside an item at {self._where(start)} (truncated?)") from None
+                    raise FileFormatError(f"invalid JSON at {self._where(exc.pos)}: {exc.msg}") from None
+                if not (exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buf) - 16):
+                    raise FileFormatError(f"invalid JSON at {self._where(exc.pos)}: {exc.msg}") from None
+            except RecursionError:
+                raise FileFormatError(f"JSON nested too deeply at {self._where(start)}") from None
+            if len(self.buf) - self.pos > FITBIT_MAX_ITEM_CHARS:
+                raise FileFormatError(f"an item at {self._where(self.pos)} is larger than {FITBIT_MAX_ITEM_CHARS} characters")
+            self._fill()
+
+
+def _fb_object_item(item: object, keys: tuple[str, ...]) -> str | None:
+    """Why an array item is structurally unusable (None if it is an object with these keys)."""
+    if type(item) is not dict:
+        return f"item is not a JSON object (got {_fb_json_type(item)})"
+    missing = [key for key in keys if key not in item]
+    if missing:
+        return f"missing key{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
+    return None
+
+
+def _fb_read_takeout_heart_rate(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """[{"dateTime": "MM/DD/YY HH:MM:SS" (UTC), "value": {"bpm": 62, "confidence": 2}}, ...]"""
+    for position, item in enumerate(_fb_ArrayStream(text).items(), 1):
+        problem = _fb_object_item(item, ("dateTime", "value"))
+        if problem is None:
+            value = item["value"]
+            if type(value) is not dict:
+                problem = f"value is not an object with a bpm key (got {_fb_json_type(value)})"
+            elif "bpm" not in value:
+                problem = "missing key: value.bpm"
+        if problem is not None:
+            yield position, Unparsable(problem, _fb_shown(item))
+            continue
+        yield position, _fb_record(user_id, "heart_rate", _fb_legacy_utc(item["dateTime"]), _fb_number(item["value"]["bpm"]))
+
+
+def _fb_read_takeout_steps(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """[{"dateTime": "MM/DD/YY HH:MM:SS" (UTC), "value": "12"}, ...] (value is a string)"""
+    for position, item in enumerate(_fb_ArrayStream(text).items(), 1):
+        problem = _fb_object_item(item, ("dateTime", "value"))
+        if problem is not None:
+            yield position, Unparsable(problem, _fb_shown(item))
+            continue
+        yield position, _fb_record(user_id, "activity", _fb_legacy_utc(item["dateTime"]), _fb_number(item["value"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Takeout CSV files
+# ---------------------------------------------------------------------------------------------
+class _fb_Column(NamedTuple):
+    names: tuple[str, ...]  # accepted header names, lower case, first match wins
+    scale: float | None = None  # multiply a converted number by this (None: keep as read)
+
+
+class _fb_CsvSpec(NamedTuple):
+    metric: str
+    time: _fb_Column
+    value: tuple[_fb_Column, ...]  # alternatives, in order of preference
+    date_only_midnight: bool = False
+    sum_same_time: bool = False
+
+
+_fb_CSV_SPECS: dict[str, _fb_CsvSpec] = {
+    "takeout-heart-rate-csv": _fb_CsvSpec("heart_rate", _fb_Column(("timestamp",)), (_fb_Column(("beats per minute",)),)),
+    "takeout-steps-csv": _fb_CsvSpec("activity", _fb_Column(("timestamp",)), (_fb_Column(("steps",)),)),
+    "takeout-spo2-csv": _fb_CsvSpec("spo2", _fb_Column(("timestamp",)), (_fb_Column(("value",)),)),
+    "takeout-hrv-csv": _fb_CsvSpec(
+        "hrv", _fb_Column(("timestamp",)),
+        (_fb_Column(("rmssd", "root mean square of successive differences milliseconds")),)),
+    "takeout-breath-csv": _fb_CsvSpec(
+        "breath_rate", _fb_Column(("timestamp",)),
+        (_fb_Column(("full_sleep_breathing_rate",)), _fb_Column(("daily_respiratory_rate",)),
+         _fb_Column(("full sleep stats - milli breaths per minute",), 0.001), _fb_Column(("breaths per minute",))),
+        date_only_midnight=True),
+    "takeout-azm-csv": _fb_CsvSpec(
+        "active_zone_minute", _fb_Column(("date_time", "timestamp")),
+        (_fb_Column(("total_minutes", "total minutes")),), date_only_midnight=True, sum_same_time=True),
+}
+
+
+class _fb_LineTap:
+    """Feeds a text stream to csv.reader line by line, keeping the physical lines of the row
+    being read (for the row's text and its first line number)."""
+
+    def __init__(self, stream: io.TextIOBase) -> None:
+        self.stream, self.lines, self.count, self.first = stream, [], 0, True
+
+    def __iter__(self) -> _fb_LineTap:
+        return self
+
+    def __next__(self) -> str:
+        line = self.stream.readline()
+        if not line:
+            raise StopIteration
+        if self.first:
+            self.first = False
+            line = line.removeprefix("\ufeff")
+        self.count += 1
+        self.lines.append(line)
+        return line
+
+    def take(self) -> tuple[int, str]:
+        """(first line number, text without its line end) of the row just read."""
+        start = self.count - len(self.lines) + 1
+        text = "".join(self.lines).rstrip("\r\n")
+        self.lines = []
+        return start, text
+
+
+def _fb_resolve(header: list[str], column: _fb_Column) -> int | None:
+    for name in column.names:
+        if name in header:
+            return header.index(name)
+    return None
+
+
+def _fb_read_csv(kind: str, text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    spec = _fb_CSV_SPECS[kind]
+    tap = _fb_LineTap(text)
+    rows = csv.reader(tap, strict=False)
+    try:
+        header_row = next(rows, None)
+    except csv.Error as exc:
+        raise FileFormatError(f"unreadable CSV header: {exc}") from None
+    if header_row is None:
+        raise FileFormatError("file is empty (no CSV header row)")
+    tap.take()
+    header = [cell.strip().lower() for cell in header_row]
+    time_at = _fb_resolve(header, spec.time)
+    if time_at is None:
+        raise FileFormatError(f"missing column {spec.time.names[0]!r} (header: {', '.join(header_row)})")
+    value_at = scale = None
+    for column in spec.value:
+        value_at = _fb_resolve(header, column)
+        if value_at is not None:
+            scale = column.scale
+            break
+    if value_at is None:
+        wanted = " or ".join(repr(column.names[0]) for column in spec.value)
+        raise FileFormatError(f"missing column {wanted} (header: {', '.join(header_row)})")
+    width = len(header)
+
+    pending: list | None = None  # AZM: [position, timestamp, total or raw value]
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            position, raw = tap.take()
+            yield position, Unparsable(f"unreadable CSV row: {exc}", raw[:FITBIT_MAX_SHOWN_CHARS])
+            continue
+        position, raw = tap.take()
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # a blank line is not a record (it keeps its number)
+        if len(row) != width:
+            missing = header_row[len(row)] if len(row) < width else None
+            reason = f"row has {len(row)} columns, the header has {width}"
+            if missing is not None:
+                reason += f" (no {missing.strip()!r})"
+            yield position, Unparsable(reason, raw[:FITBIT_MAX_SHOWN_CHARS])
+            continue
+        timestamp = _fb_iso(row[time_at], date_only_midnight=spec.date_only_midnight)
+        value = _fb_number(row[value_at])
+        if scale is not None and type(value) in (int, float):
+            value = value * scale
+        if not spec.sum_same_time:
+            yield position, _fb_record(user_id, spec.metric, timestamp, value)
+            continue
+        # AZM: rows of one minute (one per heart-rate zone) that follow each other are summed.
+        if pending is not None and pending[1] == timestamp:
+            if type(pending[2]) in (int, float) and type(value) in (int, float):
+                pending[2] += value
+            elif type(pending[2]) in (int, float):
+                pending[2] = value  # a non-number in the group: the whole minute is rejected
+            continue
+        if pending is not None:
+            yield pending[0], _fb_record(user_id, spec.metric, pending[1], pending[2])
+        pending = [position, timestamp, value]
+    if pending is not None:
+        yield pending[0], _fb_record(user_id, spec.metric, pending[1], pending[2])
+
+
+def _fb_csv_reader(kind: str):
+    def read(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+        yield from _fb_read_csv(kind, text, user_id)
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# Web API response bodies (read whole; a day of 1-second heart rate is ~3 MB)
+# ---------------------------------------------------------------------------------------------
+def _fb_load_body(text: io.TextIOBase) -> object:
+    body = text.read(FITBIT_MAX_API_BODY_CHARS + 1)
+    if len(body) > FITBIT_MAX_API_BODY_CHARS:
+        raise FileFormatError(f"API response larger than {FITBIT_MAX_API_BODY_CHARS} characters")
+    body = body.lstrip("\ufeff")
+    if not body.strip():
+        raise FileFormatError("file is empty (expected a Fitbit Web API response)")
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        if exc.msg.startswith("Unterminated string") or exc.pos >= len(body.rstrip()):
+            raise FileFormatError("file ends inside the JSON (truncated?)") from None
+        raise FileFormatError(f"invalid JSON at character {exc.pos + 1}: {exc.msg}") from None
+    except RecursionError:
+        raise FileFormatError("JSON nested too deeply") from None
+
+
+def _fb_bodies(data: object, key: str, depth: int = 0) -> list[dict]:
+    """The response objects holding ``key``: the body itself, the items of a top-level list of
+    bodies (e.g. SpO2 by interval, or responses saved one after another), or bodies wrapped one
+    level deep in a single-key object (wearipedia's ``{"heart_rate_day": [...]}``)."""
+    if depth > 3:
+        return []
+    if type(data) is dict:
+        if key in data:
+            return [data]
+        if len(data) == 1:
+            return _fb_bodies(next(iter(data.values())), key, depth + 1)
+        return []
+    if type(data) is list:
+        found: list[dict] = []
+        for item in data:
+            found.extend(_fb_bodies(item, key, depth + 1))
+        return found
+    return []
+
+
+def _fb_need_bodies(data: object, key: str) -> list[dict]:
+    bodies = _fb_bodies(data, key)
+    if not bodies:
+        raise FileFormatError(f"no {key!r} key in the API response")
+    return bodies
+
+
+def _fb_date_text(value: object, where: str) -> str:
+    if type(value) is str:
+        try:
+            return dt.date.fromisoformat(value.strip()).isoformat()
+        except ValueError:
+            pass
+    raise FileFormatError(f"{where} is not a date YYYY-MM-DD: {_fb_shown(value)[:80]}")
+
+
+def _fb_clock_seconds(clock: object) -> float | None:
+    if type(clock) is not str:
+        return None
+    m = _fb_CLOCK.fullmatch(clock)
+    if not m:
+        return None
+    hour, minute, second = m.groups()
+    return int(hour) * 3600 + int(minute) * 60 + float(second or 0)
+
+
+def _fb_read_api_dataset(text: io.TextIOBase, user_id: str, resource: str, metric: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """activities-<resource>[].dateTime + activities-<resource>-intraday.dataset[].{time, value}.
+
+    Times are the user's local wall time (naive). A range response (at most 24 h) may run past
+    midnight: when a time is earlier than the one before, the next day's date is used
+    (activities-<resource>[i+1].dateTime, or the day after).
+    """
+    summary_key, intraday_key = f"activities-{resource}", f"activities-{resource}-intraday"
+    position = 0
+    for body in _fb_need_bodies(_fb_load_body(text), intraday_key):
+        summary = body.get(summary_key)
+        if type(summary) is not list or not summary or type(summary[0]) is not dict or "dateTime" not in summary[0]:
+            raise FileFormatError(f"missing {summary_key}[0].dateTime (the date of the intraday times)")
+        dates = [_fb_date_text(entry.get("dateTime"), f"{summary_key}[{i}].dateTime")
+                 for i, entry in enumerate(summary) if type(entry) is dict and "dateTime" in entry]
+        intraday = body[intraday_key]
+        if type(intraday) is not dict or type(intraday.get("dataset")) is not list:
+            raise FileFormatError(f"{intraday_key}.dataset is missing or not an array")
+        day, date, previous = 0, dates[0], None
+        for item in intraday["dataset"]:
+            position += 1
+            problem = _fb_object_item(item, ("time", "value"))
+            if problem is not None:
+                yield position, Unparsable(problem, _fb_shown(item))
+                continue
+            clock = item["time"]
+            if type(clock) is str and len(clock) == 8 and clock[2] == ":" and clock[5] == ":" \
+                    and clock.replace(":", "").isdigit() and clock.isascii():  # "HH:MM:SS", the usual
+                seconds = int(clock[:2]) * 3600 + int(clock[3:5]) * 60 + int(clock[6:])
+                fast = True
+            else:
+                seconds, fast = _fb_clock_seconds(clock), False
+            if seconds is not None:
+                if previous is not None and seconds < previous:
+                    day += 1
+                    date = dates[day] if day < len(dates) else \
+                        (dt.date.fromisoformat(date) + dt.timedelta(days=1)).isoformat()
+                previous = seconds
+            timestamp = f"{date}T{clock}" if fast else _fb_on_date(date, clock)
+            yield position, _fb_record(user_id, metric, timestamp, _fb_number(item["value"]))
+
+
+def _fb_read_api_heart(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    yield from _fb_read_api_dataset(text, user_id, "heart", "heart_rate")
+
+
+def _fb_read_api_steps(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    yield from _fb_read_api_dataset(text, user_id, "steps", "activity")
+
+
+def _fb_minutes(days: list, where: str, user_id: str, metric: str, value_of, start: int) -> Iterator[tuple[int, dict | Unparsable]]:
+    """Shared walk over [{dateTime, minutes: [{minute, value}]}] (SpO2, HRV, AZM intraday)."""
+    position = start
+    for index, day in enumerate(days):
+        if type(day) is not dict or type(day.get("minutes")) is not list:
+            raise FileFormatError(f"{where}[{index}].minutes is missing or not an array")
+        date = day.get("dateTime")
+        date = date.strip() if type(date) is str else None
+        for item in day["minutes"]:
+            position += 1
+            problem = _fb_object_item(item, ("minute", "value"))
+            if problem is None:
+                value, problem = value_of(item["value"])
+            if problem is not None:
+                yield position, Unparsable(problem, _fb_shown(item))
+                continue
+            minute = item["minute"]
+            if type(minute) is str and _fb_CLOCK.fullmatch(minute) and date:
+                timestamp = _fb_on_date(date, minute)  # a bare clock time (wearipedia's AZM)
+            else:
+                timestamp = _fb_iso(minute)
+            yield position, _fb_record(user_id, metric, timestamp, _fb_number(value))
+
+
+def _fb_plain_value(value: object) -> tuple[object, str | None]:
+    return value, None
+
+
+def _fb_keyed_value(key: str):
+    def value_of(value: object) -> tuple[object, str | None]:
+        if type(value) is not dict:
+            return None, f"value is not an object with a {key} key (got {_fb_json_type(value)})"
+        if key not in value:
+            return None, f"missing key: value.{key}"
+        return value[key], None
+    return value_of
+
+
+def _fb_read_api_spo2(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """{"dateTime": "2021-10-04", "minutes": [{"minute": "2021-10-04T00:00:00", "value": 95.7}]}
+    or a list of such objects (the by-interval endpoint)."""
+    days = _fb_need_bodies(_fb_load_body(text), "minutes")
+    yield from _fb_minutes(days, "spo2", user_id, "spo2", _fb_plain_value, 0)
+
+
+def _fb_read_api_hrv(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """{"hrv": [{"dateTime": ..., "minutes": [{"minute": "...T09:10:00.000", "value": {"rmssd": 26.6, ...}}]}]}"""
+    position = 0
+    for body in _fb_need_bodies(_fb_load_body(text), "hrv"):
+        days = body["hrv"]
+        if type(days) is not list:
+            raise FileFormatError("hrv is not an array")
+        for item in _fb_minutes(days, "hrv", user_id, "hrv", _fb_keyed_value("rmssd"), position):
+            position = item[0]
+            yield item
+
+
+def _fb_read_api_azm(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """{"activities-active-zone-minutes-intraday": [{"dateTime": ..., "minutes": [{"minute": ...,
+    "value": {"activeZoneMinutes": 1, "fatBurnActiveZoneMinutes": 1}}]}]}"""
+    key = "activities-active-zone-minutes-intraday"
+    position = 0
+    for body in _fb_need_bodies(_fb_load_body(text), key):
+        days = body[key]
+        if type(days) is dict:
+            days = [days]
+        if type(days) is not list:
+            raise FileFormatError(f"{key} is not an array")
+        for item in _fb_minutes(days, key, user_id, "active_zone_minute", _fb_keyed_value("activeZoneMinutes"), position):
+            position = item[0]
+            yield item
+
+
+def _fb_read_api_br(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
+    """{"br": [{"dateTime": "2021-10-25", "value": {"breathingRate": 17.8}}]} (summary) or
+    {"br": [{"dateTime": ..., "value": {"fullSleepSummary": {"breathingRate": 17.8}, ...}}]}
+    (intraday). One value per night, stamped at local midnight of dateTime."""
+    position = 0
+    for body in _fb_need_bodies(_fb_load_body(text), "br"):
+        entries = body["br"]
+        if type(entries) is not list:
+            raise FileFormatError("br is not an array")
+        for item in entries:
+            position += 1
+            problem = _fb_object_item(item, ("dateTime", "value"))
+            rate = None
+            if problem is None:
+                value = item["value"]
+                if type(value) is not dict:
+                    problem = f"value is not an object with a breathingRate key (got {_fb_json_type(value)})"
+                elif "breathingRate" in value:
+                    rate = value["breathingRate"]
+                elif type(value.get("fullSleepSummary")) is dict and "breathingRate" in value["fullSleepSummary"]:
+                    rate = value["fullSleepSummary"]["breathingRate"]
+                else:
+                    problem = "missing key: value.breathingRate (or value.fullSleepSummary.breathingRate)"
+            if problem is not None:
+                yield position, Unparsable(problem, _fb_shown(item))
+                continue
+            yield position, _fb_record(user_id, "breath_rate", _fb_iso(item["dateTime"], date_only_midnight=True), _fb_number(rate))
+
+
+_fb_READERS = {
+    "takeout-heart-rate": _fb_read_takeout_heart_rate,
+    "takeout-steps": _fb_read_takeout_steps,
+    **{kind: _fb_csv_reader(kind) for kind in _fb_CSV_SPECS},
+    "api-heart": _fb_read_api_heart,
+    "api-steps": _fb_read_api_steps,
+    "api-spo2": _fb_read_api_spo2,
+    "api-hrv": _fb_read_api_hrv,
+    "api-br": _fb_read_api_br,
+    "api-azm": _fb_read_api_azm,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1595,8 +2447,8 @@ class _Stop:
 # ---------------------------------------------------------------------------------------------
 # A file's status in a run: loaded; skipped (unchanged since it loaded); failed (in this run);
 # failed_before (unchanged since its bytes failed: not loaded); busy (another loader has it);
-# checked (--dry-run).
-FILE_STATUSES = ("loaded", "skipped", "failed", "failed_before", "busy", "checked")
+# checked (--dry-run); ignored (inside an export, but holding no data this loader reads).
+FILE_STATUSES = ("loaded", "skipped", "failed", "failed_before", "busy", "checked", "ignored")
 
 
 @dataclasses.dataclass(slots=True)  # one per file in the summary: 100,000 files stay small
@@ -1606,10 +2458,11 @@ class FileResult:
     counts: Counts = dataclasses.field(default_factory=Counts)
     error: str | None = None
     seconds: float = 0.0
+    kind: str = "json"  # the source file type: json, jsonl, or a Fitbit kind
 
     def fields(self) -> dict:
         return {"file": self.file, "status": self.status, **self.counts.as_dict(), "error": self.error,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "kind": self.kind}
 
 
 @dataclasses.dataclass
@@ -1627,6 +2480,16 @@ class Summary:
         self.files[result.status] += 1
         self.counts += result.counts
 
+    def by_source(self) -> dict[str, dict]:
+        """Per source file type: files by status, records read and rejected, rows inserted."""
+        sources: dict[str, dict] = {}
+        for r in self.results:
+            entry = sources.setdefault(r.kind or "unlisted", {"files": Counter(), **Counts().as_dict()})
+            entry["files"][r.status] += 1
+            for name, value in r.counts.as_dict().items():
+                entry[name] += value
+        return {kind: {**entry, "files": dict(entry["files"])} for kind, entry in sorted(sources.items())}
+
     @property
     def not_loaded(self) -> int:
         """Files under DATA_DIR this run leaves unloaded: failed, failed before, or held elsewhere."""
@@ -1634,8 +2497,8 @@ class Summary:
 
     def fields(self) -> dict:
         files = {f"files_{status}": self.files[status] for status in FILE_STATUSES}
-        return {"run_id": self.run_id, "files_seen": len(self.results), **files, **self.counts.as_dict(),
-                "seconds": self.seconds, "status": self.status, "error": self.error}
+        return {"run_id": self.run_id, "files_seen": len(self.results) - self.files["ignored"], **files,
+                **self.counts.as_dict(), "seconds": self.seconds, "status": self.status, "error": self.error}
 
     def line(self) -> str:
         data = self.fields()
@@ -1798,8 +2661,8 @@ class _Loader:
         failure is the file's alone: it is rolled back, recorded with its reason, and the run goes on.
         ``wait_ms``: how long to wait for the file when another loader holds it."""
         started, delay = time.monotonic(), RETRY_FIRST_DELAY
-        if df.error:
-            return FileResult(df.rel, "failed", error=df.error)
+        if df.error or df.kind == "ignored":
+            return FileResult(df.rel, "failed" if df.error else "ignored", error=df.error, kind=df.kind)
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
                 result = self._attempt(df, wait_ms, retrying=attempt > 1)
@@ -1813,7 +2676,7 @@ class _Loader:
                     raise Interrupted(self.stop.signum or signal.SIGTERM) from None
                 delay = min(delay * 2, RETRY_MAX_DELAY)
                 continue
-            result.seconds = round(time.monotonic() - started, 3)
+            result.seconds, result.kind = round(time.monotonic() - started, 3), df.kind
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -2000,7 +2863,9 @@ def _report(summary: Summary, result: FileResult, progress: _Progress | None) ->
     if progress is not None:
         progress.file_done(result.file)
     fields = {"fields": {"event": "file", **result.fields()}}
-    if result.status == "skipped":
+    if result.status == "ignored":
+        log.debug("ignored %s: it holds no data this loader reads", result.file, extra=fields)
+    elif result.status == "skipped":
         log.info("skipped %s: unchanged", result.file, extra=fields)
     elif result.status == "busy":
         log.info("skipped %s: claimed by another loader%s", result.file,
@@ -2125,8 +2990,8 @@ def _check_files(cfg: Config, files: list[DataFile], summary: Summary, stop: _St
             if stop.signum is not None:
                 raise Interrupted(stop.signum)
             started = time.monotonic()
-            if df.error:
-                result = FileResult(df.rel, "failed", error=df.error)
+            if df.error or df.kind == "ignored":
+                result = FileResult(df.rel, "failed" if df.error else "ignored", error=df.error)
             else:
                 rows = _FileRows(df, make_line, rejects, 86_400, 0, progress.reading(df) if progress else None)
                 try:
@@ -2144,7 +3009,7 @@ def _check_files(cfg: Config, files: list[DataFile], summary: Summary, stop: _St
                 finally:
                     rows.close()
             rejects.publish()
-            result.seconds = round(time.monotonic() - started, 3)
+            result.seconds, result.kind = round(time.monotonic() - started, 3), df.kind
             _report(summary, result, progress)
     finally:
         rejects.close()
@@ -2160,7 +3025,7 @@ def _manifest(conn) -> dict:
 
 def _run(cfg: Config, summary: Summary, stop: _Stop) -> None:
     """List the files, then check them (--dry-run) or load them; settle the summary's status."""
-    files = list(load_files(cfg.data_dir))
+    files = list(load_files(cfg.data_dir, cfg.source_format, cfg.user_id))
     conn = None
     try:
         with _Progress.shown(cfg.progress, files) as progress:
@@ -2345,6 +3210,11 @@ SETTINGS = (
      "seconds a database call may show no progress before the connection counts as lost; 0 means never"),
     ("--log-level", "LOG_LEVEL", _choice("debug", "info", "warning", "error"), "log level"),
     ("--log-format", "LOG_FORMAT", _choice("text", "json"), "log lines as text, or one JSON object each"),
+    ("--format", "FORMAT", _choice("auto", "flat", "fitbit-takeout", "fitbit-api"),
+     ("what to read: Task-0's flat records, a Google Takeout Fitbit export, saved Fitbit Web API responses, "
+      "or auto (each file by its name and content)")),
+    ("--user-id", "USER_ID", str,
+     "user id for Fitbit data, which carries none (default: from the export's directory name)"),
 )
 
 
@@ -2427,7 +3297,18 @@ def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
         log_format=values["LOG_FORMAT"],
         statement_timeout=values["STATEMENT_TIMEOUT"],
         stall_timeout=values["STALL_TIMEOUT"],
+        source_format=values["FORMAT"],
+        user_id=_check_user_id_setting(values["USER_ID"]),
     )
+
+
+def _check_user_id_setting(text: str) -> str | None:
+    if not text:
+        return None
+    try:
+        return _check_user_id(text)
+    except ValidationError as exc:
+        raise ConfigError(f"USER_ID: {exc}") from None
 
 
 def _conninfo(s: dict, timeout: int, port: int, stall: int = 0) -> dict:
@@ -2469,7 +3350,8 @@ def _summary_writable(path: Path) -> None:
 
 
 def _write_summary(path: Path, summary: Summary) -> None:
-    data = {**summary.fields(), "host": socket.gethostname(), "files": [r.fields() for r in summary.results]}
+    data = {**summary.fields(), "host": socket.gethostname(), "sources": summary.by_source(),
+            "files": [r.fields() for r in summary.results]}
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -2506,11 +3388,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.uninstall()
     summary.seconds = round(time.monotonic() - started, 3)
     if code != EXIT_USAGE or summary.results:
+        _log_sources(summary)
         log.log(logging.WARNING if code else logging.INFO, "summary: %s", summary.line(),
                 extra={"fields": {"event": "summary", **summary.fields(), "exit_code": code}})
     if args.summary_json and (cfg is not None or code != EXIT_USAGE):
         _write_summary(Path(args.summary_json), summary)
     return code
+
+
+def _log_sources(summary: Summary) -> None:
+    """One line per source file type, when there is more than Task-0's flat JSON to tell apart."""
+    sources = summary.by_source()
+    if set(sources) <= {"json", "jsonl"}:
+        return
+    for kind, entry in sources.items():
+        files = " ".join(f"{status}={n}" for status, n in sorted(entry["files"].items()))
+        log.info("by source %s: files %s, records read=%d rejected=%d, rows inserted=%d duplicate=%d", kind, files,
+                 entry["records_read"], entry["records_rejected"], entry["rows_inserted"], entry["rows_duplicate"],
+                 extra={"fields": {"event": "source", "kind": kind, **entry}})
 
 
 def _report_error(exc: IngestError, code: int, cfg: Config | None, verbose: bool) -> None:
