@@ -62,7 +62,7 @@ lint: venv
 	VENV=$(VENV) bash scripts/lint.sh
 
 bench: setup
-	eval "$$($(DEVDB) env)" && $(PY) scripts/bench.py
+	eval "$$($(DEVDB) env)" && $(PY) scripts/bench.py && $(PY) scripts/bench_fitbit.py
 
 clean: db-down
 	rm -rf .dev $(VENV) .pytest_cache

@@ -2357,16 +2357,19 @@ class _Stop:
     # --- installed by main (or a worker process), removed when it ends --------------------------
     def install(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> _Stop:
         os.set_blocking(self._pipe[1], False)
-        for sig in signals:
-            self._old[sig] = signal.signal(sig, self._ignore)
-        self._old_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        self._old_wakeup = None
+        if threading.current_thread() is threading.main_thread():  # only there can signals be caught
+            for sig in signals:
+                self._old[sig] = signal.signal(sig, self._ignore)
+            self._old_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
         self._thread.start()
         return self
 
     def uninstall(self) -> None:
         self._done.set()
         self._thread.join()
-        signal.set_wakeup_fd(self._old_wakeup)
+        if self._old_wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         for fd in self._pipe:
