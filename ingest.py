@@ -910,6 +910,9 @@ def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None 
         for name in names:
             path = Path(folder, name)
             rel = _escape_name(path.relative_to(root).as_posix())
+            if not _may_hold_data(rel, source_format):
+                log.debug("skipping %s: not a file this loader reads", rel)
+                continue
             error = _unloadable(path, root, rel)
             if error == "skip":
                 continue
@@ -933,6 +936,17 @@ def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None 
 
 
 _EXPORT_DIRS = ("takeout", "fitbit", "global export data")
+
+
+def _may_hold_data(rel: str, source_format: str) -> bool:
+    """By its name alone: a flat file (.json, .jsonl, .ndjson, .gz of one), a .csv, or any file
+    inside an export (counted as ignored when it holds no data). Others are never even looked at."""
+    lower = rel.lower()
+    if lower.endswith((".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")):
+        return True
+    if source_format == "flat":
+        return False
+    return lower.endswith(".csv") or any(part in _EXPORT_DIRS for part in lower.split("/")[:-1])
 
 
 def _kind_of(path: Path, rel: str, source_format: str) -> tuple[str | None, bool]:
@@ -2569,7 +2583,7 @@ class _Loader:
             return claim  # unchanged, unchanged and bad, or another loader's
         rows = _FileRows(df, self.make_line, self.rejects, self.chunk_seconds, claim.resume_after,
                          self.progress.reading(df) if self.progress else None)
-        total = claim.counts
+        total, here = claim.counts, Counts()  # the file's counts (earlier runs' parts too), this run's
         try:
             while True:
                 part = insert_records(conn, rows.part(), batch_size=self.cfg.batch_size,
@@ -2577,6 +2591,7 @@ class _Loader:
                                       direct=claim.direct, pulse=self.stop.pulse)
                 part += rows.take_counts()
                 total += part
+                here += part
                 status = "loaded" if rows.finished else "partial"
                 sha256 = rows.digest.hexdigest() if rows.finished else None
                 self._record(conn, df, claim.stat, status, total, rows.done, sha256)
@@ -2585,11 +2600,11 @@ class _Loader:
                 if rows.finished:
                     break
                 if not self._reclaim(conn, df, rows.done):
-                    return FileResult(df.rel, "busy", total, "another loader took over between its parts")
+                    return FileResult(df.rel, "busy", here, "another loader took over between its parts")
         finally:
             rows.close()
         rows.warn()
-        return FileResult(df.rel, "loaded", total)
+        return FileResult(df.rel, "loaded", here)
 
     def _claim(self, conn, df: DataFile, wait_ms: int) -> _Claim | FileResult:
         try:

@@ -403,8 +403,8 @@ def test_dangling_symlink_is_skipped_with_a_warning(run, db, capsys):
 def test_file_that_vanishes_between_listing_and_reading_fails_alone(run, db, monkeypatch, replace, fragment):
     original = ingest.load_files
 
-    def load_files(data_dir):
-        for df in original(data_dir):
+    def load_files(data_dir, *args):
+        for df in original(data_dir, *args):
             if df.rel == "b.json":
                 replace(df.path)
             yield df
@@ -446,8 +446,8 @@ import os, sys
 sys.path.insert(0, sys.argv[1])
 import ingest
 original = ingest.load_files
-def load_files(data_dir):
-    for df in original(data_dir):
+def load_files(data_dir, *args):
+    for df in original(data_dir, *args):
         if df.rel == "b.json":  # listed as a regular file, then swapped for a FIFO
             os.unlink(df.path)
             os.mkfifo(df.path)
