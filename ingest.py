@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import re
@@ -395,8 +396,10 @@ def _copy_line(row: Row) -> str:
 class _LineMaker:
     """Record -> (key part, value part) of its COPY line: a cache in front of validate_record.
 
-    Each field is checked by the same function validate_record uses; what repeats across records
-    (users, timestamps, values) is remembered (bounded), so the common case is a few dict lookups.
+    Each field is checked by the function validate_record uses for it, and what repeats across
+    records (users, timestamps, values) is remembered (bounded), so the common case is a few dict
+    look-ups. A canonical UTC timestamp ("YYYY-MM-DDTHH:MM:SS", with "Z", "+00:00" or naive in
+    UTC) is read by a shortcut that tests/test_lines.py proves gives what validate_record gives.
     A record that fails any check goes through validate_record itself, which supplies the reason.
     """
 
@@ -408,42 +411,70 @@ class _LineMaker:
 
     def __call__(self, obj: object) -> tuple[str, str, int]:
         """(key, tail, epoch seconds) of a valid record; raises ValidationError otherwise."""
-        if type(obj) is dict and len(obj) >= 4:
+        if type(obj) is dict:
             try:
                 user, metric, ts, value = obj["user_id"], obj["metric"], obj["timestamp"], obj["value"]
             except KeyError:
                 pass
             else:
-                kind = type(value)
-                if type(user) is str and type(ts) is str and (kind is float or kind is int) and value:
-                    escaped, stamp = self.users.get(user), self.stamps.get(ts)
-                else:
-                    escaped = stamp = None
-                if escaped is not None and stamp is not None:
-                    tail = self.values.get((metric, value))
-                    if tail is not None:
+                if type(user) is str and type(metric) is str and type(ts) is str:
+                    escaped = self.users.get(user) or self._user(user)
+                    stamp = self.stamps.get(ts) or self._stamp(ts)
+                    kind = type(value)
+                    tail = self.values.get((metric, value)) if (kind is float or kind is int) and value else None
+                    if tail is None and metric in METRIC_BOUNDS:
+                        tail = self._tail(metric, value)
+                    if escaped and stamp and tail:
                         return f"{escaped}\t{metric}\t{stamp[0]}", tail, stamp[1]
-        row = validate_record(obj, self.tz)  # raises the reason for a reject
-        return self._remember(obj, row)
+        validate_record(obj, self.tz)  # raises the reason for the reject
+        raise AssertionError(f"validate_record accepted what its own checks refused: {obj!r}")
 
-    def _remember(self, obj: dict, row: Row) -> tuple[str, str, int]:
-        escaped = self.users.get(row.user_id)
-        if escaped is None:
-            if len(self.users) >= 100_000:
-                self.users.clear()
-            escaped = self.users[row.user_id] = row.user_id.translate(_COPY_ESCAPES)
-        ts_text = row.timestamp.isoformat()
-        epoch = int(row.timestamp.timestamp())
-        if type(obj["timestamp"]) is str:
-            if len(self.stamps) >= 100_000:  # ~15 MB; a day of one-second readings fits
-                self.stamps.clear()
-            self.stamps[obj["timestamp"]] = (ts_text, epoch)
-        tail = f"\t{row.value!r}\n"
-        value = obj["value"]
-        # Only plain non-zero numbers are remembered: 0 == -0.0 == False as dict keys.
-        if type(value) in (float, int) and value and len(self.values) < 10_000:
-            self.values[(row.metric, value)] = tail
-        return f"{escaped}\t{row.metric}\t{ts_text}", tail, epoch
+    def _user(self, user: str) -> str | None:
+        try:
+            _check_user_id(user)
+        except ValidationError:
+            return None
+        if len(self.users) >= 100_000:
+            self.users.clear()
+        escaped = self.users[user] = user.translate(_COPY_ESCAPES)
+        return escaped
+
+    def _stamp(self, ts: str) -> tuple[str, int] | None:
+        match = _CANONICAL_UTC.fullmatch(ts)
+        if match and (match.group(2) or self.tz is UTC):
+            try:
+                moment = dt.datetime.fromisoformat(match.group(1))
+            except ValueError:
+                return None
+            stamp = (f"{match.group(1)}+00:00", (moment - _EPOCH) // _SECOND)
+        else:
+            try:
+                moment = _check_timestamp(ts, self.tz)
+            except ValidationError:
+                return None
+            stamp = (moment.isoformat(), int(moment.timestamp()))
+        if len(self.stamps) >= 100_000:  # ~15 MB; a day of one-second readings fits
+            self.stamps.clear()
+        self.stamps[ts] = stamp
+        return stamp
+
+    def _tail(self, metric: str, value: object) -> str | None:
+        kind = type(value)
+        if (kind is float or kind is int) and value:  # 0 == -0.0 == False as dict keys: never cached
+            tail = self.values.get((metric, value))
+            if tail is not None:
+                return tail
+        try:
+            tail = f"\t{_check_value(value, metric)!r}\n"
+        except ValidationError:
+            return None
+        if (kind is float or kind is int) and value and len(self.values) < 10_000:
+            self.values[(metric, value)] = tail
+        return tail
+
+
+_CANONICAL_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(Z|\+00:00)?", re.ASCII)
+_EPOCH, _SECOND = dt.datetime(1970, 1, 1), dt.timedelta(seconds=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,17 +790,24 @@ def _fast_is_exact(text: str, items: Sequence[object]) -> bool:
 
     True when every item is an object with exactly the four record keys, each key's token occurs
     in the text exactly once per item (so no object can have named a key twice: a repeated key,
-    or a key inside a string value, makes the count differ), and no number has a negative
-    exponent or hundreds of zeros (the only ways to underflow).
+    or a key inside a string value, makes the count differ), and no value decoded to a float
+    zero (the only thing an underflowing number can become; a zero written as "0.0" is merely
+    read again carefully).
     """
-    for item in items:
-        if type(item) is not dict or len(item) != 4 or item.keys() != _RECORD_KEYS:
+    try:
+        if not all(map(operator.eq, itertools.repeat(_RECORD_KEYS), map(dict.keys, items))):
             return False
+    except TypeError:  # an item that is not an object
+        return False
     count = len(items)
     for token in _KEY_TOKENS:
         if text.count(token) != count:
             return False
-    return "e-" not in text and "E-" not in text and "0" * 300 not in text
+    values = list(map(_VALUE_OF, items))
+    return 0 not in values or not any(type(v) is float and v == 0 for v in values)
+
+
+_VALUE_OF = operator.itemgetter("value")
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -1897,42 +1935,50 @@ class _FileRows:
         records: Iterator[tuple[int, object]] = self.records
         if self._pending is not None:  # the record that opened this part, when the last one ended
             records, self._pending = itertools.chain((self._pending,), records), None
-        counts, seen, resume_after = self.counts, self.seen, self.resume_after
-        for position, obj in records:
-            try:
-                key, tail, epoch = self.make_line(obj)
-            except ValidationError as exc:
-                if position > resume_after:
-                    counts.records_read += 1
-                    counts.records_rejected += 1
-                    self._reject(position, obj, exc)
-                    self.done = position
-                continue
-            if position <= resume_after:  # committed before: only remembered
-                if len(seen) < DEDUPE_MAX_KEYS:
-                    seen.setdefault(key, tail)
-                continue
-            first = seen.get(key)
-            if first is None:
-                chunk = epoch // self.chunk_seconds
-                if chunk not in chunks:
-                    if len(chunks) >= PART_CHUNKS:
-                        self._pending = (position, obj)  # read again, and counted, in the next part
-                        return
-                    chunks.add(chunk)
-            counts.records_read += 1
-            self.done = position
-            if len(obj) > 4:
-                self._extra_keys(obj)
-            if first is not None:
-                counts.rows_duplicate += 1
-                if first != tail:
-                    self._conflict(key, first, tail)
-                continue
-            if len(seen) < DEDUPE_MAX_KEYS:
-                seen[key] = tail
-            yield key + tail
-        self.finished = True
+        seen, resume_after, make_line, chunk_seconds = self.seen, self.resume_after, self.make_line, self.chunk_seconds
+        read = rejected = duplicate = conflicting = 0  # locals in the hot loop, added up at the end
+        done = self.done
+        try:
+            for position, obj in records:
+                try:
+                    key, tail, epoch = make_line(obj)
+                except ValidationError as exc:
+                    if position > resume_after:
+                        read, rejected, done = read + 1, rejected + 1, position
+                        self._reject(position, obj, exc)
+                    continue
+                if position <= resume_after:  # committed before: only remembered
+                    if len(seen) < DEDUPE_MAX_KEYS:
+                        seen.setdefault(key, tail)
+                    continue
+                if len(obj) > 4:
+                    self._extra_keys(obj, position)
+                first = seen.get(key)
+                if first is None:
+                    chunk = epoch // chunk_seconds
+                    if chunk not in chunks:
+                        if len(chunks) >= PART_CHUNKS:
+                            self._pending = (position, obj)  # read again, and counted, in the next part
+                            return
+                        chunks.add(chunk)
+                    if len(seen) < DEDUPE_MAX_KEYS:
+                        seen[key] = tail
+                    read, done = read + 1, position
+                    yield key + tail
+                else:
+                    read, duplicate, done = read + 1, duplicate + 1, position
+                    if first != tail:
+                        conflicting += 1
+                        if self.conflict_example is None:
+                            self.conflict_example = f"{key.replace(chr(9), ' ')}: {first.strip()} then {tail.strip()}"
+            self.finished = True
+        finally:
+            counts = self.counts
+            counts.records_read += read
+            counts.records_rejected += rejected
+            counts.rows_duplicate += duplicate
+            self.conflicting += conflicting
+            self.done = done
 
     def take_counts(self) -> Counts:
         counts, self.counts = self.counts, Counts()
@@ -1945,15 +1991,12 @@ class _FileRows:
         text = self.stream.raw(position)
         self.rejects.add(self.df.rel, position, _reason_as_written(text, exc, self.make_line.tz), text)
 
-    def _extra_keys(self, obj: dict) -> None:
+    def _extra_keys(self, obj: dict, position: int) -> None:
+        if self._pending is not None and self._pending[0] == position:
+            return  # counted when its part comes
         self.extra_keys += 1
         if self.extra_example is None:
             self.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
-
-    def _conflict(self, key: str, first: str, value: str) -> None:
-        self.conflicting += 1
-        if self.conflict_example is None:
-            self.conflict_example = f"{key.replace(chr(9), ' ')}: {first.strip()} then {value.strip()}"
 
     def warn(self) -> None:
         """Say once per file what the producer should look at; nothing of it is an error."""
@@ -2162,8 +2205,9 @@ class _CopySource:
     speaks in the middle of it (an error, usually), instead of sending the rest of the file first.
     """
 
-    def __init__(self, lines: Iterator[str], batch_size: int, keep: bool, pulse: Callable[[], None]) -> None:
-        self._lines, self._batch, self._pulse = lines, batch_size, pulse
+    def __init__(self, lines: Iterator[str], batch_size: int, keep: bool, pulse: Callable[[], None],
+                 numbered: bool = False) -> None:
+        self._lines, self._batch, self._pulse, self._numbered = lines, batch_size, pulse, numbered
         self.sent = 0  # lines handed out (each once, replays not counted)
         self.exhausted = False
         self.error: BaseException | None = None  # raised by the reading: psycopg2 would hide it
@@ -2179,7 +2223,8 @@ class _CopySource:
     def _produce(self) -> None:
         try:
             batch: list[str] = []
-            for line in self._lines:
+            lines = (f"{n}\t{line}" for n, line in enumerate(self._lines, 1)) if self._numbered else self._lines
+            for line in lines:
                 batch.append(line)
                 if len(batch) >= self._batch:
                     self._queue.put(("".join(batch), len(batch)))
@@ -2254,7 +2299,7 @@ class _CopySource:
 
 _STAGE_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY, user_id TEXT NOT NULL, metric TEXT NOT NULL,
+    seq BIGINT GENERATED BY DEFAULT AS IDENTITY, user_id TEXT NOT NULL, metric TEXT NOT NULL,
     ts TIMESTAMPTZ NOT NULL, value DOUBLE PRECISION NOT NULL
 ) ON COMMIT DROP
 """
@@ -2287,7 +2332,8 @@ merged AS (
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged
 """
 _COPY_DIRECT = 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN'
-_COPY_STAGE = "COPY ingest_stage (user_id, metric, ts, value) FROM STDIN"
+_COPY_STAGE = "COPY ingest_stage (user_id, metric, ts, value) FROM STDIN"  # seq from the identity
+_COPY_STAGE_NUMBERED = "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN"  # seq sent
 
 
 def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_conflict: str = "nothing",
@@ -2302,7 +2348,9 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
     the key exists with a different one (keys written earlier in run ``run_id`` are left alone).
     """
     unique_violation = _psycopg2().errors.UniqueViolation
-    source = _CopySource(iter(lines), batch_size, keep=direct and on_conflict == "nothing", pulse=pulse)
+    keep = direct and on_conflict == "nothing"
+    # Staging from the start: the client numbers the lines (cheaper than the identity's nextval).
+    source = _CopySource(iter(lines), batch_size, keep=keep, pulse=pulse, numbered=not keep)
     try:
         with conn.cursor() as cur:
             if direct and on_conflict == "nothing":
@@ -2318,7 +2366,7 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
                     _check_sent(copied, source.sent)
                     return Counts(rows_inserted=copied)
             cur.execute(_STAGE_SQL)
-            staged = source.copy(cur, _COPY_STAGE)
+            staged = source.copy(cur, _COPY_STAGE if keep else _COPY_STAGE_NUMBERED)
             _check_sent(staged, source.sent)
             pulse()
             cur.execute("SET LOCAL work_mem = '256MB'")
@@ -2381,6 +2429,7 @@ class _Stop:
 
     def uninstall(self) -> None:
         self._done.set()
+        os.write(self._pipe[1], b"\0")  # wakes the watchdog now, not at its next tick
         self._thread.join()
         if self._old_wakeup is not None:
             signal.set_wakeup_fd(self._old_wakeup)
