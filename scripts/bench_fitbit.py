@@ -42,8 +42,10 @@ def admin():
 def load(data: Path, scratch: Path) -> dict:
     """ingest.py into a fresh database: seconds, rows, peak RSS of the child."""
     name = f"bench_fitbit_{uuid.uuid4().hex[:8]}"
-    with admin() as conn, conn.cursor() as cur:
+    conn = admin()
+    with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
     summary = scratch / f"{name}.json"
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "ingest.py"), "--data-dir", str(data), "--quiet",
