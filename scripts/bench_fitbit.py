@@ -55,8 +55,13 @@ def load(data: Path, scratch: Path) -> dict:
     seconds = time.monotonic() - started
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     conn = admin()
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    for attempt in range(40):  # an autovacuum worker may still be in it; the role cannot end one
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE "{name}"')
+            break
+        except psycopg2.errors.ObjectInUse:
+            time.sleep(0.25)
     conn.close()
     if proc.returncode != 0:
         raise SystemExit(f"ingest.py exited {proc.returncode}: {proc.stderr[-2000:]}")
