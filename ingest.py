@@ -1048,8 +1048,6 @@ def _unloadable(path: Path, root: Path, rel: str) -> str | None:
 # through for validate_record to reject with its reason. A structurally broken item is an
 # Unparsable; a file that cannot be read as its kind raises FileFormatError. Format facts and
 # their sources: docs/fitbit.md.
-FITBIT_READ_CHUNK_CHARS = 256 * 1024  # window step of the streaming JSON-array reader
-FITBIT_MAX_ITEM_CHARS = 1024 * 1024  # one Takeout array item larger than this fails the file
 FITBIT_MAX_API_BODY_CHARS = 64 * 1024 * 1024  # an API response body is read whole; larger fails the file
 FITBIT_MAX_CSV_FIELD_CHARS = 64 * 1024
 FITBIT_MAX_SHOWN_CHARS = 4096  # Unparsable.text is cut here (the loader cuts again, to 1,000)
@@ -1320,51 +1318,26 @@ def read_fitbit(kind: str, text: io.TextIOBase, user_id: str) -> Iterator[tuple[
 # ---------------------------------------------------------------------------------------------
 # Takeout JSON arrays, streamed
 # ---------------------------------------------------------------------------------------------
-_fb_WS = re.compile(r"[ \t\n\r]*")
-_fb_DECODER = json.JSONDecoder()
-
-
-class _fb_ArrayStream:
-    """Items of a top-level JSON array from a text stream, holding at most a window in memory.
+class _fb_ArrayStream(_Buffer):
+    """Items of a top-level JSON array (a Takeout file), through the loader's own sliding window.
 
     Fast path: the window up to its last "}," is decoded as one array by the C decoder (a cut can
-    only parse when it falls between two items). Otherwise items are decoded one by one with
-    ``raw_decode``. Invalid or truncated JSON raises FileFormatError: the loader fails such a file
-    as a whole, as it does for its own JSON arrays.
+    only parse when it falls between two items). Otherwise items are decoded one by one
+    (``_Buffer.decode_one``). Invalid or truncated JSON raises FileFormatError: the loader fails
+    such a file as a whole, as it does for its own JSON arrays.
     """
 
-    def __init__(self, stream: io.TextIOBase) -> None:
-        self.stream, self.buf, self.pos, self.eof, self.consumed = stream, "", 0, False, 0
-
-    def _fill(self) -> bool:
-        if self.eof:
-            return False
-        chunk = self.stream.read(FITBIT_READ_CHUNK_CHARS)
-        self.consumed += self.pos
-        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
-        self.eof = not chunk
-        return bool(chunk)
-
-    def _peek(self) -> str:
-        while True:
-            self.pos = _fb_WS.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf) or not self._fill():
-                return self.buf[self.pos:self.pos + 1]
-
-    def _where(self, pos: int) -> str:
-        return f"character {self.consumed + pos + 1}"
-
     def items(self) -> Iterator[object]:
-        self._fill()
-        if self.buf.startswith("\ufeff"):
+        self.fill()
+        if self.text.startswith("\ufeff"):
             self.pos = 1
-        first = self._peek()
+        first = self.skip_ws()
         if first == "":
             raise FileFormatError("file is empty (expected a JSON array)")
         if first != "[":
-            raise FileFormatError(f"expected a JSON array, found {first!r} at {self._where(self.pos)}")
+            raise FileFormatError(f"expected a JSON array, found {first!r} at {self.where(self.pos)}")
         self.pos += 1
-        if self._peek() == "]":
+        if self.skip_ws() == "]":
             self.pos += 1
         else:
             while True:
@@ -1372,54 +1345,33 @@ class _fb_ArrayStream:
                 if batch is not None:
                     yield from batch
                     continue
-                if self._peek() == "":
+                if self.skip_ws() == "":
                     raise FileFormatError("file ends inside the JSON array (truncated?)")
-                yield self._one()
-                sep = self._peek()
+                yield self.decode_one()[0]
+                sep = self.skip_ws()
                 self.pos += 1
                 if sep == "]":
                     break
                 if sep != ",":
                     if sep == "":
                         raise FileFormatError("file ends inside the JSON array (truncated?)")
-                    raise FileFormatError(f"invalid JSON at {self._where(self.pos - 1)}: expected ',' or ']'")
-        if self._peek() != "":
-            raise FileFormatError(f"unexpected data after the JSON array at {self._where(self.pos)}")
+                    raise FileFormatError(f"invalid JSON at {self.where(self.pos - 1)}: expected ',' or ']'")
+        if self.skip_ws() != "":
+            raise FileFormatError(f"unexpected data after the JSON array at {self.where(self.pos)}")
 
     def _batch(self) -> list | None:
-        if len(self.buf) - self.pos < FITBIT_READ_CHUNK_CHARS // 2:
-            self._fill()
-        cut = self.buf.rfind("},", self.pos)
+        """Like ``_Buffer.decode_batch``, without its check for record keys (items are not records)."""
+        if len(self.text) - self.pos < READ_CHUNK_CHARS // 2:
+            self.fill()
+        cut = self.text.rfind("},", self.pos)
         if cut < 0 or cut - self.pos < 4096:
             return None
         try:
-            items = json.loads("[" + self.buf[self.pos:cut + 1] + "]")
+            items = json.loads("[" + self.text[self.pos:cut + 1] + "]")
         except (ValueError, RecursionError):
             return None
         self.pos = cut + 2
         return items
-
-    def _one(self) -> object:
-        while True:
-            start = self.pos
-            try:
-                value, end = _fb_DECODER.raw_decode(self.buf, start)
-                if end < len(self.buf) or self.eof:  # a number at the window's end may go on
-                    self.pos = end
-                    return value
-            except json.JSONDecodeError as exc:
-                if self.eof:
-                    if exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buf.rstrip()):
-                        raise FileFormatError(
-                            f"file ends inside an item at {self._where(start)} (truncated?)") from None
-                    raise FileFormatError(f"invalid JSON at {self._where(exc.pos)}: {exc.msg}") from None
-                if not (exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buf) - 16):
-                    raise FileFormatError(f"invalid JSON at {self._where(exc.pos)}: {exc.msg}") from None
-            except RecursionError:
-                raise FileFormatError(f"JSON nested too deeply at {self._where(start)}") from None
-            if len(self.buf) - self.pos > FITBIT_MAX_ITEM_CHARS:
-                raise FileFormatError(f"an item at {self._where(self.pos)} is larger than {FITBIT_MAX_ITEM_CHARS} characters")
-            self._fill()
 
 
 def _fb_object_item(item: object, keys: tuple[str, ...]) -> str | None:

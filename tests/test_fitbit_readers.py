@@ -249,15 +249,15 @@ def test_streaming_gives_the_same_items_whatever_the_window_and_stays_small(monk
                  for d in (1, 2) for h in range(24) for m in range(60) for s in (3, 13, 27, 41, 55)]
     text = "[" + ",".join(json.dumps(item, indent=2) for item in rng_items) + "]"  # ~5 MB, Takeout-like
     largest = []
-    original = ingest._fb_ArrayStream._fill
+    original = ingest._Buffer.fill
 
     def spy(self):
         result = original(self)
-        largest.append(len(self.buf))
+        largest.append(len(self.text))
         return result
 
-    monkeypatch.setattr(ingest, "FITBIT_READ_CHUNK_CHARS", chunk)
-    monkeypatch.setattr(ingest._fb_ArrayStream, "_fill", spy)
+    monkeypatch.setattr(ingest, "READ_CHUNK_CHARS", chunk)
+    monkeypatch.setattr(ingest._Buffer, "fill", spy)
     got = rows("takeout-heart-rate", text)
     assert len(got) == len(rng_items) == 14400
     assert got[0] == (1, rec("heart_rate", "2020-01-01T00:00:03Z", 40 + 3))
