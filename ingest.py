@@ -23,6 +23,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import gzip
 import hashlib
 import io
@@ -2363,6 +2364,7 @@ class _Stop:
         self.event = threading.Event()  # set by the first signal: sleeps between retries end early
         self._fd: int | None = None  # the socket of the connection being watched
         self._last = 0.0  # when the watched call last made progress
+        self._busy: Callable[[], bool] | None = None  # asks the server whether it is working on the call
         self._pipe = os.pipe()
         self._done = threading.Event()
         self._old: dict = {}
@@ -2396,14 +2398,16 @@ class _Stop:
 
     # --- used by the loader ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def watching(self, conn) -> Iterator[None]:
-        """Database calls inside may be cut when they stall or a second signal comes."""
+    def watching(self, conn, busy: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Database calls inside may be cut when they stall or a second signal comes. ``busy``
+        asks the server, over another connection, whether it is still working on the call (a long
+        statement is not a stall); it returns False when the server cannot be reached or waits for us."""
         self.stalled = False
-        self._last, self._fd = time.monotonic(), conn.fileno()
+        self._last, self._fd, self._busy = time.monotonic(), conn.fileno(), busy
         try:
             yield
         finally:
-            self._fd = None
+            self._fd = self._busy = None
 
     def pulse(self) -> None:
         """The watched call made progress (a batch handed to COPY, a statement started)."""
@@ -2422,6 +2426,11 @@ class _Stop:
                     self._signal(signum)
             fd, limit = self._fd, STOP_GRACE_SECONDS if self.signum is not None else self.stall_timeout
             if fd is not None and limit and time.monotonic() - self._last > limit:
+                if self.signum is None and self._busy is not None and self._busy():
+                    self._last = time.monotonic()  # a long statement the server is working on: not a stall
+                    continue
+                if self._fd != fd:
+                    continue  # the call ended while the server was asked
                 if self.signum is not None:
                     self.aborted = True
                     log.warning("the database did not answer for %.0fs after the stop request: cancelling", limit)
@@ -2705,7 +2714,7 @@ class _Loader:
         self.in_file = False
         try:
             conn = self._connection()
-            with self.stop.watching(conn):
+            with self.stop.watching(conn, functools.partial(self._server_busy, conn.info.backend_pid)):
                 result = self._load_file(conn, df, wait_ms)
         except (FileFormatError, FileReadError) as exc:
             return self._fail(df, exc, "failed" if isinstance(exc, FileFormatError) else "error")
@@ -2749,6 +2758,23 @@ class _Loader:
             _rollback(conn)
         self.rejects.publish()
         return result
+
+    def _server_busy(self, pid: int) -> bool:
+        """Over a second, short-lived connection: is backend ``pid`` working (or waiting on a lock,
+        or unseen, as behind a pooler), rather than unreachable or waiting for this client?"""
+        try:
+            probe = connect_db({**self.cfg.conninfo, "connect_timeout": 3}, describe=self.cfg.describe_db())
+        except IngestError:
+            return False
+        try:
+            with probe.cursor() as cur:
+                cur.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+                row = cur.fetchone()
+        except _psycopg2().Error:
+            return False
+        finally:
+            probe.close()
+        return row is None or row[0] != "Client"
 
     def _connection(self):
         if self.conn is None or self.conn.closed:
