@@ -598,14 +598,8 @@ class RecordStream:
             value, text = buf.decode_one()
             self._one(position, text)
             yield position, value
-            separator = buf.skip_ws()
-            buf.pos += 1
-            if separator == "]":
+            if buf.array_ends():
                 return
-            if separator != ",":
-                if separator == "":
-                    raise FileFormatError("file ends inside the JSON array (truncated?)")
-                raise FileFormatError(f"invalid JSON at {buf.where(buf.pos - 1)}: expected ',' or ']'")
 
     # --- Fitbit exports and API responses: records mapped from the source's own shape ---------
     def _fitbit(self, text: io.TextIOBase) -> Iterator[tuple[int, object]]:
@@ -862,7 +856,19 @@ class _Buffer:
                     f"a record at {self.where(self.pos)} is larger than {MAX_RECORD_CHARS} characters")
             self.fill()
 
-    def decode_batch(self) -> tuple[list, str] | None:
+    def array_ends(self) -> bool:
+        """After an array item: consume the "," (False) or the closing "]" (True)."""
+        separator = self.skip_ws()
+        self.pos += 1
+        if separator == "]":
+            return True
+        if separator != ",":
+            if separator == "":
+                raise FileFormatError("file ends inside the JSON array (truncated?)")
+            raise FileFormatError(f"invalid JSON at {self.where(self.pos - 1)}: expected ',' or ']'")
+        return False
+
+    def decode_batch(self, exact: Callable[[str, list], bool] | None = None) -> tuple[list, str] | None:
         """Decode many array items with one call of the fast decoder (its C code does the looping).
 
         The window is cut after its last "}," and parsed as an array. That cut can only parse if
@@ -880,7 +886,7 @@ class _Buffer:
             items = _FAST.decode(f"[{text}]")
         except (ValueError, RecursionError):
             return None
-        if not _fast_is_exact(text, items):
+        if not (exact or _fast_is_exact)(text, items):
             return None
         self.pos = cut + 2
         return items, text
@@ -1342,37 +1348,20 @@ class _fb_ArrayStream(_Buffer):
             self.pos += 1
         else:
             while True:
-                batch = self._batch()
+                batch = self.decode_batch(exact=_fb_any_items)  # items are not records: no key check
                 if batch is not None:
-                    yield from batch
+                    yield from batch[0]
                     continue
                 if self.skip_ws() == "":
                     raise FileFormatError("file ends inside the JSON array (truncated?)")
                 yield self.decode_one()[0]
-                sep = self.skip_ws()
-                self.pos += 1
-                if sep == "]":
+                if self.array_ends():
                     break
-                if sep != ",":
-                    if sep == "":
-                        raise FileFormatError("file ends inside the JSON array (truncated?)")
-                    raise FileFormatError(f"invalid JSON at {self.where(self.pos - 1)}: expected ',' or ']'")
         if self.skip_ws() != "":
             raise FileFormatError(f"unexpected data after the JSON array at {self.where(self.pos)}")
 
-    def _batch(self) -> list | None:
-        """Like ``_Buffer.decode_batch``, without its check for record keys (items are not records)."""
-        if len(self.text) - self.pos < READ_CHUNK_CHARS // 2:
-            self.fill()
-        cut = self.text.rfind("},", self.pos)
-        if cut < 0 or cut - self.pos < 4096:
-            return None
-        try:
-            items = json.loads("[" + self.text[self.pos:cut + 1] + "]")
-        except (ValueError, RecursionError):
-            return None
-        self.pos = cut + 2
-        return items
+def _fb_any_items(text: str, items: list) -> bool:
+    return True
 
 
 def _fb_object_item(item: object, keys: tuple[str, ...]) -> str | None:
