@@ -49,6 +49,8 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
+
 __all__ = ["connect_db", "insert_records", "load_files", "main", "validate_record"]
 __version__ = "0.2.0"
 
@@ -412,22 +414,24 @@ class _LineMaker:
 
     def __call__(self, obj: object) -> tuple[str, str, int]:
         """(key, tail, epoch seconds) of a valid record; raises ValidationError otherwise."""
-        if type(obj) is dict:
-            try:
-                user, metric, ts, value = obj["user_id"], obj["metric"], obj["timestamp"], obj["value"]
-            except KeyError:
-                pass
-            else:
-                if type(user) is str and type(metric) is str and type(ts) is str:
-                    escaped = self.users.get(user) or self._user(user)
-                    stamp = self.stamps.get(ts) or self._stamp(ts)
-                    kind = type(value)
-                    tail = self.values.get((metric, value)) if (kind is float or kind is int) and value else None
-                    if tail is None and metric in METRIC_BOUNDS:
-                        tail = self._tail(metric, value)
-                    if escaped and stamp and tail:
-                        return f"{escaped}\t{metric}\t{stamp[0]}", tail, stamp[1]
-        validate_record(obj, self.tz)  # raises the reason for the reject
+        kind = type(obj)
+        if kind is _Record:  # the fast decoder's: the four keys, three of them strings
+            user, metric, ts, value = obj.user_id, obj.metric, obj.timestamp, obj.value
+        elif kind is dict:
+            user, metric, ts, value = (obj.get("user_id"), obj.get("metric"), obj.get("timestamp"),
+                                       obj.get("value"))
+        else:
+            user = None
+        if type(user) is str and type(metric) is str and type(ts) is str:
+            escaped = self.users.get(user) or self._user(user)
+            stamp = self.stamps.get(ts) or self._stamp(ts)
+            kind = type(value)
+            tail = self.values.get((metric, value)) if (kind is float or kind is int) and value else None
+            if tail is None and metric in METRIC_BOUNDS:
+                tail = self._tail(metric, value)
+            if escaped and stamp and tail:
+                return f"{escaped}\t{metric}\t{stamp[0]}", tail, stamp[1]
+        validate_record(msgspec.structs.asdict(obj) if type(obj) is _Record else obj, self.tz)  # the reason
         raise AssertionError(f"validate_record accepted what its own checks refused: {obj!r}")
 
     def _user(self, user: str) -> str | None:
@@ -632,9 +636,9 @@ class RecordStream:
 def _decode_line(line: str) -> object:
     """One JSON Lines line: the fast decoder when the text shows nothing it could get wrong."""
     try:
-        value = _FAST.decode(line)
-    except (ValueError, RecursionError):
-        value = None  # decoded again below, carefully, for the exact reason
+        value = _FAST_RECORD.decode(line)
+    except _FAST_ERRORS:
+        pass  # decoded again below, carefully, for the exact reason
     else:
         if _fast_is_exact(line, (value,)):
             return value
@@ -772,37 +776,47 @@ def _careful_object(pairs: list[tuple[str, object]]) -> object:
     return obj
 
 
-_FAST = json.JSONDecoder()
+_FAST = json.JSONDecoder()  # for Fitbit's own shapes; records have the typed decoder below
 _CAREFUL = json.JSONDecoder(parse_float=_careful_float, parse_int=_careful_int,
                             object_pairs_hook=_careful_object)
-_KEY_TOKENS = tuple(f'"{key}"' for key in REQUIRED_KEYS)
-_RECORD_KEYS = frozenset(REQUIRED_KEYS)
 
 
-def _fast_is_exact(text: str, items: Sequence[object]) -> bool:
-    """Did the fast decoder see all there was? It keeps the last of a repeated key and turns
-    1e-400 into 0 silently; both are possible only where this returns False.
+class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A record as the fast decoder reads it: exactly the four keys, three strings and a number.
 
-    True when every item is an object with exactly the four record keys, each key's token occurs
-    in the text exactly once per item (so no object can have named a key twice: a repeated key,
-    or a key inside a string value, makes the count differ), and no value decoded to a float
-    zero (the only thing an underflowing number can become; a zero written as "0.0" is merely
-    read again carefully).
+    Anything else (a key missing or unknown, another type, invalid JSON) makes the decoder refuse
+    the whole text, which is then read again by the careful decoder for the exact reason.
     """
-    try:
-        if not all(map(operator.eq, itertools.repeat(_RECORD_KEYS), map(dict.keys, items))):
-            return False
-    except TypeError:  # an item that is not an object
+
+    user_id: str
+    metric: str
+    timestamp: str
+    value: int | float
+
+
+_FAST_RECORDS = msgspec.json.Decoder(list[_Record])
+_FAST_RECORD = msgspec.json.Decoder(_Record)
+_FAST_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
+_VALUE_OF = operator.attrgetter("value")
+_PLAIN_NUMBER = 1e15  # beyond every metric's bounds: such values are read carefully, for the reason
+
+
+def _fast_is_exact(text: str, items: Sequence[_Record]) -> bool:
+    """Did the fast decoder see all there was? Like any JSON decoder it keeps the last of a key
+    named twice and reads 1e-400 as 0; the careful decoder makes both a reject.
+
+    Every item decoded to a _Record has its four keys and three string values: at least 14
+    double quotes. A key named twice (in any spelling) adds at least two more, as does an
+    escaped quote, so a text with exactly 14 per item has neither. No value may be a float zero
+    (the only thing an underflowing number can become; a zero written "0.0" is merely read again
+    carefully), nor so large that its reason needs the digits as written.
+    """
+    if text.count('"') != 14 * len(items):
         return False
-    count = len(items)
-    for token in _KEY_TOKENS:
-        if text.count(token) != count:
-            return False
     values = list(map(_VALUE_OF, items))
+    if values and not (-_PLAIN_NUMBER < min(values) and max(values) < _PLAIN_NUMBER):
+        return False
     return 0 not in values or not any(type(v) is float and v == 0 for v in values)
-
-
-_VALUE_OF = operator.itemgetter("value")
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -868,7 +882,8 @@ class _Buffer:
             raise FileFormatError(f"invalid JSON at {self.where(self.pos - 1)}: expected ',' or ']'")
         return False
 
-    def decode_batch(self, exact: Callable[[str, list], bool] | None = None) -> tuple[list, str] | None:
+    def decode_batch(self, decode: Callable[[str], list] = _FAST_RECORDS.decode,
+                     exact: Callable[[str, list], bool] = _fast_is_exact) -> tuple[list, str] | None:
         """Decode many array items with one call of the fast decoder (its C code does the looping).
 
         The window is cut after its last "}," and parsed as an array. That cut can only parse if
@@ -883,10 +898,10 @@ class _Buffer:
             return None
         text = self.text[self.pos : cut + 1]
         try:
-            items = _FAST.decode(f"[{text}]")
-        except (ValueError, RecursionError):
+            items = decode(f"[{text}]")
+        except _FAST_ERRORS:
             return None
-        if not (exact or _fast_is_exact)(text, items):
+        if not exact(text, items):
             return None
         self.pos = cut + 2
         return items, text
@@ -1348,7 +1363,7 @@ class _fb_ArrayStream(_Buffer):
             self.pos += 1
         else:
             while True:
-                batch = self.decode_batch(exact=_fb_any_items)  # items are not records: no key check
+                batch = self.decode_batch(_FAST.decode, _fb_any_items)  # Fitbit's shapes, checked later
                 if batch is not None:
                     yield from batch[0]
                     continue
@@ -1893,7 +1908,7 @@ class _FileRows:
                     if len(seen) < DEDUPE_MAX_KEYS:
                         seen.setdefault(key, tail)
                     continue
-                if len(obj) > 4:
+                if type(obj) is dict and len(obj) > 4:  # a _Record has exactly the four
                     self._extra_keys(obj, position)
                 first = seen.get(key)
                 if first is None:
@@ -3281,12 +3296,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(env_file: str | None, environ: dict) -> dict:
     """Environment over .env over defaults (flags are applied on top by the caller)."""
-    from dotenv import dotenv_values
-
     path = Path(env_file or ".env")
     if env_file and not path.is_file():
         raise ConfigError(f"--env-file {env_file}: no such file")
-    from_file = {k: v for k, v in dotenv_values(path).items() if v} if path.is_file() else {}
+    from_file = {}
+    if path.is_file():
+        from dotenv import dotenv_values  # imported only when there is a file (it takes ~40 ms)
+
+        from_file = {k: v for k, v in dotenv_values(path).items() if v}
     return {**DEFAULTS, **from_file, **{k: v for k, v in environ.items() if v != ""}}
 
 

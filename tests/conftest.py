@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import psycopg2
 import pytest
 from dotenv import dotenv_values
@@ -206,3 +207,9 @@ def run(tmp_path, monkeypatch, db):
 
 def rec(user="u1", metric="activity", ts="2024-01-01T00:00:00Z", value=60, **extra) -> dict:
     return {"user_id": user, "metric": metric, "timestamp": ts, "value": value, **extra}
+
+
+def plain(obj: object) -> object:
+    """A record as the reader yields it, shown as the JSON value it stands for (the fast decoder
+    yields ingest._Record, the careful one dicts)."""
+    return msgspec.structs.asdict(obj) if type(obj) is ingest._Record else obj

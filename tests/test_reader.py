@@ -11,7 +11,7 @@ import pytest
 
 import ingest
 from ingest import FileFormatError, Unparsable, load_files
-from tests.conftest import rec
+from tests.conftest import plain, rec
 
 
 def write(root: Path, rel: str, data) -> Path:
@@ -25,8 +25,9 @@ def write(root: Path, rel: str, data) -> Path:
 
 
 def records(root: Path, rel: str) -> list:
+    """(position, record) pairs, a record the fast decoder read shown as the dict it stands for."""
     (df,) = [f for f in load_files(root) if f.rel == rel]
-    return list(df.records())
+    return [(p, plain(r)) for p, r in df.records()]
 
 
 def test_files_are_found_recursively_in_sorted_relative_path_order(tmp_path):
