@@ -410,7 +410,7 @@ class _LineMaker:
         self.tz = tz
         self.users: dict[str, str] = {}  # accepted user_id -> its escaped COPY text
         self.stamps: dict[str, tuple[str, int]] = {}  # timestamp text -> (UTC text, epoch seconds)
-        self.values: dict[tuple[str, float], str] = {}  # (metric, number) -> "\t<repr>\n"
+        self.values: dict[float, str] = {}  # number within its metric's bounds -> "\t<repr>\n"
 
     def __call__(self, obj: object) -> tuple[str, str, int]:
         """(key, tail, epoch seconds) of a valid record; raises ValidationError otherwise."""
@@ -425,9 +425,12 @@ class _LineMaker:
         if type(user) is str and type(metric) is str and type(ts) is str:
             escaped = self.users.get(user) or self._user(user)
             stamp = self.stamps.get(ts) or self._stamp(ts)
-            kind = type(value)
-            tail = self.values.get((metric, value)) if (kind is float or kind is int) and value else None
-            if tail is None and metric in METRIC_BOUNDS:
+            kind, bounds = type(value), METRIC_BOUNDS.get(metric)
+            if bounds is None:
+                tail = None
+            elif (kind is float or kind is int) and value and bounds[0] <= value <= bounds[1]:
+                tail = self.values.get(value) or self._tail(metric, value)  # the common case
+            else:
                 tail = self._tail(metric, value)
             if escaped and stamp and tail:
                 return f"{escaped}\t{metric}\t{stamp[0]}", tail, stamp[1]
@@ -464,17 +467,15 @@ class _LineMaker:
         return stamp
 
     def _tail(self, metric: str, value: object) -> str | None:
-        kind = type(value)
-        if (kind is float or kind is int) and value:  # 0 == -0.0 == False as dict keys: never cached
-            tail = self.values.get((metric, value))
-            if tail is not None:
-                return tail
         try:
             tail = f"\t{_check_value(value, metric)!r}\n"
         except ValidationError:
             return None
+        kind = type(value)
+        # Cached by the number alone (its text does not depend on the metric; the caller checks
+        # the metric's bounds before it looks here); 0 == -0.0 == False as keys: never cached.
         if (kind is float or kind is int) and value and len(self.values) < 10_000:
-            self.values[(metric, value)] = tail
+            self.values[value] = tail
         return tail
 
 

@@ -6,15 +6,15 @@
 Generates (once, cached under bench-data/profile/) one pretty-printed JSON array of heart-rate
 records written like Task-0's ``json.dump(records, f, indent=2)`` (scripts/make_sample.py, 1 user,
 --repeat 30: ~97 % of the records repeat a key), reads it as text in 1 MiB-character chunks and
-cuts windows after the last "}," as ingest.py's _decode_batch does, then times over all windows
+cuts windows after the last "}," as ingest.py's _Buffer.decode_batch does, then times over all windows
 (the file read is not timed; the median of --runs passes is reported):
 
   - decode only, per approach: stdlib json.loads, orjson.loads, msgspec.json.decode into
     list[Record] (a msgspec.Struct) and into list[Any], pysimdjson (recursive, or lazy proxies);
   - decode + for each record the dedupe key f"{user}\\t{metric}\\t{ts}" and a dict lookup
-    (first occurrence kept, as ingest.py's _valid_lines does);
-  - for context: ingest.py's own reader (_iter_json_document) and its per-record _LineMaker
-    (imported read-only, never changed);
+    (first occurrence kept, as ingest.py's _FileRows.part does);
+  - for context: ingest.py's own reader (DataFile.records) and its per-file loop (_FileRows:
+    _LineMaker and the dedupe), imported read-only from git HEAD;
   - whether a decoder releases the GIL: the windows decoded twice in a row vs by two threads
     at once (2 threads ~2x faster than sequential would mean it does);
   - how each library handles edge cases (huge integers, 1e309, 1e-400, a duplicate key, a lone
@@ -87,7 +87,7 @@ def make_file(scratch: Path, mb: float, repeat: int) -> Path:
 
 
 def windows(path: Path) -> list[str]:
-    """The file's array items as ingest.py's _decode_batch cuts them: refill when under half a
+    """The file's array items as ingest.py's _Buffer.decode_batch cuts them: refill when under half a
     chunk is left, cut after the last "},", parse "[" + window + "]"."""
     out = []
     with open(path, encoding="utf-8") as fh:
@@ -154,7 +154,7 @@ class Approach:
 
 
 def approaches() -> tuple[list[Approach], list[str]]:
-    out = [Approach("json.loads (stdlib), str window [ingest.py today]", platform.python_version(), "str",
+    out = [Approach("json.loads (stdlib), str window [ingest.py before 2026-12-01]", platform.python_version(), "str",
                     json.loads),
            Approach("json.loads (stdlib), str window, tuple key", platform.python_version(), "str", json.loads,
                     _tuple_keys),
@@ -171,7 +171,7 @@ def approaches() -> tuple[list[Approach], list[str]]:
         v = msgspec.__version__
         typed = msgspec.json.Decoder(list[Record])
         untyped = msgspec.json.Decoder(list[Any])
-        out += [Approach("msgspec.json.decode -> list[Record], str window", v, "str", typed.decode, _struct_keys),
+        out += [Approach("msgspec.json.decode -> list[Record], str window [ingest.py now]", v, "str", typed.decode, _struct_keys),
                 Approach("msgspec.json.decode -> list[Record], bytes window", v, "bytes", typed.decode, _struct_keys),
                 Approach("msgspec.json.decode -> list[Any], bytes window", v, "bytes", untyped.decode)]
     else:
@@ -216,7 +216,7 @@ def load_ingest(scratch: Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    for name in ("_iter_json_document", "_LineMaker", "UTC"):
+    for name in ("DataFile", "_FileRows", "_LineMaker", "_Rejects", "UTC"):
         if not hasattr(module, name):
             raise RuntimeError(f"ingest.py at {head} has no {name}")
     return module, head
@@ -229,21 +229,22 @@ def ingest_context(path: Path, runs: int, scratch: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - context only
         return {"error": f"cannot import ingest.py: {exc}"}
     out: dict[str, list[float]] = {"reader": [], "reader+lines": []}
+    df = ingest.DataFile(path, path.name, "json")
     for _ in range(runs):
         gc.collect()
         started = time.perf_counter()
-        with open(path, encoding="utf-8") as fh:
-            n = sum(1 for _ in ingest._iter_json_document(fh))
+        n = sum(1 for _ in df.records())
         out["reader"].append(time.perf_counter() - started)
         gc.collect()
-        make_line, seen = ingest._LineMaker(ingest.UTC), {}
+        rejects = ingest._Rejects(scratch / "profile-rejects.jsonl", None)
         started = time.perf_counter()
-        with open(path, encoding="utf-8") as fh:
-            for _, obj in ingest._iter_json_document(fh):
-                key, tail = make_line(obj)
-                if seen.get(key) is None:
-                    seen[key] = tail
+        rows = ingest._FileRows(df, ingest._LineMaker(ingest.UTC), rejects, 86_400)
+        while not rows.finished:
+            for _ in rows.part():
+                pass
         out["reader+lines"].append(time.perf_counter() - started)
+        rows.close()
+        rejects.close()
     return {k: statistics.median(v) for k, v in out.items()} | {"records": n, "head": head}
 
 
