@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"- File: {path.name}: {mb:,.1f} MB pretty-printed JSON array, {base_records:,} records "
                  f"(1 user, heart rate x {a.repeat}: {1 - 1 / a.repeat:.0%} of the records repeat a key); "
                  f"{len(str_wins)} windows of ~{size / max(1, len(str_wins)) / 1e6:.2f} MB cut after the last "
-                 "\"},\" like ingest.py's _decode_batch.")
+                 "\"},\" like ingest.py's _Buffer.decode_batch.")
     lines.append(f"- Python {platform.python_version()}, {os.cpu_count()} cores ({_cpu()}), load average "
                  f"{os.getloadavg()[0]:.2f}; median of {a.runs} passes; file in the page cache; reading it as UTF-8 "
                  f"text in 1 MiB chunks takes {read_s:.3f} s ({mb / read_s:,.0f} MB/s), not included below.")
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", (f"For context, ingest.py itself as committed at git {ctx['head']} (imported from a copy, "
                   "unchanged) on the same file:"), "",
                   "| step | s | MB/s | records/s |", "|---|--:|--:|--:|"]
-        for label, key in (("ingest._iter_json_document (read text + windows + json.loads)", "reader"),
-                           ("... + _LineMaker (validate, COPY line) + first-wins dict", "reader+lines")):
+        for label, key in (("DataFile.records (read text + windows + decode)", "reader"),
+                           ("... + _FileRows (validate, COPY line, first-wins dedupe)", "reader+lines")):
             s = ctx[key]
             lines.append(f"| {label} | {s:.3f} | {mb / s:,.0f} | {ctx['records'] / s:,.0f} |")
     elif ctx:
