@@ -386,18 +386,27 @@ def validate_record(obj: object, tz: dt.tzinfo = UTC) -> Row:
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_key(row: Row) -> str:
-    """The key part of a row's COPY text line (user_id escaped; the others hold no specials)."""
-    return f"{row.user_id.translate(_COPY_ESCAPES)}\t{row.metric}\t{row.timestamp.isoformat()}"
+Key = tuple[str, str, str]  # a row's key as its COPY text: escaped user_id, metric, UTC timestamp
+
+
+def _copy_key(row: Row) -> Key:
+    """The key of a row as COPY text (user_id escaped; the others hold no specials)."""
+    return row.user_id.translate(_COPY_ESCAPES), row.metric, row.timestamp.isoformat()
+
+
+def _line(key: Key, tail: str) -> str:
+    """The COPY line of a row: its key and its value part ("\t<value>\n")."""
+    return f"{key[0]}\t{key[1]}\t{key[2]}{tail}"
 
 
 def _copy_line(row: Row) -> str:
     """One row as a line of COPY text format (what ``insert_records`` takes)."""
-    return f"{_copy_key(row)}\t{row.value!r}\n"
+    return _line(_copy_key(row), f"\t{row.value!r}\n")
 
 
 class _LineMaker:
-    """Record -> (key part, value part) of its COPY line: a cache in front of validate_record.
+    """Record -> the key (escaped user, metric, UTC timestamp) and the value part of its COPY line:
+    a cache in front of validate_record.
 
     Each field is checked by the function validate_record uses for it, and what repeats across
     records (users, timestamps, values) is remembered (bounded), so the common case is a few dict
@@ -412,8 +421,9 @@ class _LineMaker:
         self.stamps: dict[str, tuple[str, int]] = {}  # timestamp text -> (UTC text, epoch seconds)
         self.values: dict[float, str] = {}  # number within its metric's bounds -> "\t<repr>\n"
 
-    def __call__(self, obj: object) -> tuple[str, str, int]:
-        """(key, tail, epoch seconds) of a valid record; raises ValidationError otherwise."""
+    def __call__(self, obj: object) -> tuple[Key, str, int]:
+        """(key, tail, epoch seconds) of a valid record; raises ValidationError otherwise. Its COPY
+        line is _line(key, tail)."""
         kind = type(obj)
         if kind is _Record:  # the fast decoder's: the four keys, three of them strings
             user, metric, ts, value = obj.user_id, obj.metric, obj.timestamp, obj.value
@@ -433,9 +443,31 @@ class _LineMaker:
             else:
                 tail = self._tail(metric, value)
             if escaped and stamp and tail:
-                return f"{escaped}\t{metric}\t{stamp[0]}", tail, stamp[1]
+                return (escaped, metric, stamp[0]), tail, stamp[1]
         validate_record(msgspec.structs.asdict(obj) if type(obj) is _Record else obj, self.tz)  # the reason
         raise AssertionError(f"validate_record accepted what its own checks refused: {obj!r}")
+
+    def repeats(self, records: list) -> tuple[list[Key], list[str]] | None:
+        """Key and value parts of every record of a decoded window, in bulk (no call per record),
+        when each field is one already accepted: the user, the timestamp and the number found in
+        the caches above, one metric, every value within its bounds. None otherwise (the records
+        then go one by one). Used for windows whose every key was sent before (Task-0's shape)."""
+        if type(records[0]) is not _Record:
+            return None
+        metrics = set(map(_METRIC_OF, records))
+        bounds = METRIC_BOUNDS.get(metrics.pop()) if len(metrics) == 1 else None
+        if bounds is None:
+            return None
+        values = list(map(_VALUE_OF, records))
+        if not (bounds[0] <= min(values) and max(values) <= bounds[1]):
+            return None
+        tails = list(map(self.values.get, values))  # a zero is never cached: it goes one by one
+        users = list(map(self.users.get, map(_USER_OF, records)))
+        stamps = list(map(self.stamps.get, map(_TIMESTAMP_OF, records)))
+        if None in tails or None in users or None in stamps:
+            return None
+        metric = records[0].metric
+        return list(zip(users, itertools.repeat(metric), map(_FIRST, stamps))), tails
 
     def _user(self, user: str) -> str | None:
         try:
@@ -479,6 +511,8 @@ class _LineMaker:
         return tail
 
 
+_USER_OF, _METRIC_OF, _TIMESTAMP_OF = (operator.attrgetter(name) for name in ("user_id", "metric", "timestamp"))
+_FIRST = operator.itemgetter(0)
 _CANONICAL_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(Z|\+00:00)?", re.ASCII)
 _EPOCH, _SECOND = dt.datetime(1970, 1, 1), dt.timedelta(seconds=1)
 
@@ -523,11 +557,13 @@ class DataFile:
 
 
 class RecordStream:
-    """(position, decoded value) pairs of one file, plus the text of the record just yielded.
+    """The records of one file, in batches, plus the text of a record of the batch last yielded.
 
-    Position is the 1-based record number (the line number in JSON Lines). ``raw(position)``
-    returns the text of a value of the batch last yielded, as written in the file, for rejects
-    and their reasons. With ``digest``, every byte read is hashed and counted into it.
+    ``batches()`` yields (position of the first record, records): a window of an array decoded in
+    one call, or a single record. Position is the 1-based record number (the line number in JSON
+    Lines); iterating the stream itself yields (position, record) pairs. ``raw(position)`` returns
+    the text of a record of the batch last yielded, as written in the file, for rejects and their
+    reasons. With ``digest``, every byte read is hashed and counted into it.
     """
 
     def __init__(self, df: DataFile, digest: Digest | None) -> None:
@@ -543,6 +579,10 @@ class RecordStream:
         self._batch, self._first = _BatchText(text, single=True), position
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
+        for first, records in self.batches():
+            yield from enumerate(records, first)
+
+    def batches(self) -> Iterator[tuple[int, list]]:
         df = self.df
         try:
             with _open_text(df.path, df.gzipped, self.digest) as text:
@@ -562,7 +602,7 @@ class RecordStream:
             raise FileReadError(_describe_read_error(exc, df.gzipped)) from None
 
     # --- JSON: an array of records, or record objects one after another -----------------------
-    def _document(self, buf: _Buffer) -> Iterator[tuple[int, object]]:
+    def _document(self, buf: _Buffer) -> Iterator[tuple[int, list]]:
         first = buf.skip_ws()
         if first == "":
             raise FileFormatError("file is empty (expected a JSON array of records)")
@@ -584,37 +624,36 @@ class RecordStream:
             position += 1
             value, text = buf.decode_one()
             self._one(position, text)
-            yield position, value
+            yield position, [value]
 
-    def _array_items(self, buf: _Buffer) -> Iterator[tuple[int, object]]:
+    def _array_items(self, buf: _Buffer) -> Iterator[tuple[int, list]]:
         position = 0
         while True:
             batch = buf.decode_batch()
             if batch is not None:
                 items, text = batch
                 self._batch, self._first = _BatchText(text), position + 1  # split only if asked
-                for item in items:
-                    position += 1
-                    yield position, item
+                yield position + 1, items
+                position += len(items)
                 continue
             if buf.skip_ws() == "":
                 raise FileFormatError("file ends inside the JSON array (truncated?)")
             position += 1
             value, text = buf.decode_one()
             self._one(position, text)
-            yield position, value
+            yield position, [value]
             if buf.array_ends():
                 return
 
     # --- Fitbit exports and API responses: records mapped from the source's own shape ---------
-    def _fitbit(self, text: io.TextIOBase) -> Iterator[tuple[int, object]]:
+    def _fitbit(self, text: io.TextIOBase) -> Iterator[tuple[int, list]]:
         self._batch = None
         for position, record in read_fitbit(self.df.kind, text, self.df.user_id or ""):
             self._record = record if type(record) is not Unparsable else record.text
-            yield position, record
+            yield position, [record]
 
     # --- JSON Lines: one record per line; a bad line is a rejected record ---------------------
-    def _lines(self, text: io.TextIOBase) -> Iterator[tuple[int, object]]:
+    def _lines(self, text: io.TextIOBase) -> Iterator[tuple[int, list]]:
         lineno = 0
         while True:
             line = text.readline(MAX_RECORD_CHARS + 1)
@@ -625,13 +664,13 @@ class RecordStream:
                 while line and not line.endswith("\n"):  # skip the rest of the oversized line
                     line = text.readline(READ_CHUNK_CHARS)
                 self._one(lineno, "")
-                yield lineno, Unparsable(f"line longer than {MAX_RECORD_CHARS} characters", "")
+                yield lineno, [Unparsable(f"line longer than {MAX_RECORD_CHARS} characters", "")]
                 continue
             if not line.strip():  # a blank line keeps its number but is not a record
                 continue
             line = line.rstrip("\r\n")
             self._one(lineno, line)
-            yield lineno, _decode_line(line)
+            yield lineno, [_decode_line(line)]
 
 
 def _decode_line(line: str) -> object:
@@ -1867,6 +1906,7 @@ class _FileRows:
 
     ``part()`` yields the lines of the next part: each key once (the first; the database still
     settles repeats beyond DEDUPE_MAX_KEYS remembered keys), rejects spooled with their reasons.
+    A decoded window of records that all repeat keys already sent is counted in bulk.
     A part ends at the end of the file, or before a row that would make it touch more than
     PART_CHUNKS chunks. Records up to ``resume_after`` were committed by an earlier run: they are
     read again (for the digest and the memory of keys) but not sent or counted.
@@ -1878,57 +1918,74 @@ class _FileRows:
         self.chunk_seconds, self.resume_after = chunk_seconds, resume_after
         self.digest = Digest(progress)
         self.stream = df.records(self.digest)
-        self.records = iter(self.stream)
+        self.batches = self.stream.batches()
         self.counts = Counts()  # of the part in flight: records read and rejected, repeats dropped
         self.done = resume_after  # the last record handled in a part (committed when the part is)
         self.finished = False
-        self.seen: dict[str, str] = {}  # key part of a line -> its value part, first occurrence
-        self._pending: tuple[int, object] | None = None  # (position, record) opening the next part
+        self.seen: dict[Key, str] = {}  # key of a line -> its value part, first occurrence
+        self._pending: tuple[int, list] | None = None  # the batch (its rest) opening the next part
         self.extra_keys = self.conflicting = 0
         self.extra_example: str | None = None
         self.conflict_example: str | None = None
 
     def part(self) -> Iterator[str]:
         chunks: set[int] = set()
-        records: Iterator[tuple[int, object]] = self.records
-        if self._pending is not None:  # the record that opened this part, when the last one ended
-            records, self._pending = itertools.chain((self._pending,), records), None
+        batches: Iterator[tuple[int, list]] = self.batches
+        if self._pending is not None:  # the records that opened this part, when the last one ended
+            batches, self._pending = itertools.chain((self._pending,), batches), None
         seen, resume_after, make_line, chunk_seconds = self.seen, self.resume_after, self.make_line, self.chunk_seconds
         read = rejected = duplicate = conflicting = 0  # locals in the hot loop, added up at the end
         done = self.done
         try:
-            for position, obj in records:
-                try:
-                    key, tail, epoch = make_line(obj)
-                except ValidationError as exc:
-                    if position > resume_after:
-                        read, rejected, done = read + 1, rejected + 1, position
-                        self._reject(position, obj, exc)
-                    continue
-                if position <= resume_after:  # committed before: only remembered
-                    if len(seen) < DEDUPE_MAX_KEYS:
-                        seen.setdefault(key, tail)
-                    continue
-                if type(obj) is dict and len(obj) > 4:  # a _Record has exactly the four
-                    self._extra_keys(obj, position)
-                first = seen.get(key)
-                if first is None:
-                    chunk = epoch // chunk_seconds
-                    if chunk not in chunks:
-                        if len(chunks) >= PART_CHUNKS:
-                            self._pending = (position, obj)  # read again, and counted, in the next part
-                            return
-                        chunks.add(chunk)
-                    if len(seen) < DEDUPE_MAX_KEYS:
-                        seen[key] = tail
-                    read, done = read + 1, position
-                    yield key + tail
-                else:
-                    read, duplicate, done = read + 1, duplicate + 1, position
-                    if first != tail:
-                        conflicting += 1
-                        if self.conflict_example is None:
-                            self.conflict_example = f"{key.replace(chr(9), ' ')}: {first.strip()} then {tail.strip()}"
+            for first_position, records in batches:
+                # A decoded window whose every record repeats a key already sent is settled in
+                # bulk: the same checks (make_line.repeats) and the same counts as one by one.
+                if len(records) > 1 and first_position > resume_after and self._ends_seen(records):
+                    bulk = make_line.repeats(records)
+                    if bulk is not None:
+                        keys, tails = bulk
+                        firsts = list(map(seen.get, keys))
+                        if None not in firsts:
+                            read, duplicate = read + len(records), duplicate + len(records)
+                            done = first_position + len(records) - 1
+                            differ = sum(map(operator.ne, firsts, tails))
+                            if differ:
+                                conflicting += differ
+                                if self.conflict_example is None:
+                                    self._note_conflict(*next(c for c in zip(keys, firsts, tails) if c[1] != c[2]))
+                            continue
+                for position, obj in enumerate(records, first_position):
+                    try:
+                        key, tail, epoch = make_line(obj)
+                    except ValidationError as exc:
+                        if position > resume_after:
+                            read, rejected, done = read + 1, rejected + 1, position
+                            self._reject(position, obj, exc)
+                        continue
+                    if position <= resume_after:  # committed before: only remembered
+                        if len(seen) < DEDUPE_MAX_KEYS:
+                            seen.setdefault(key, tail)
+                        continue
+                    if type(obj) is dict and len(obj) > 4:  # a _Record has exactly the four
+                        self._extra_keys(obj, position)
+                    first = seen.get(key)
+                    if first is None:
+                        chunk = epoch // chunk_seconds
+                        if chunk not in chunks:
+                            if len(chunks) >= PART_CHUNKS:  # read again, and counted, in the next part
+                                self._pending = (position, records[position - first_position :])
+                                return
+                            chunks.add(chunk)
+                        if len(seen) < DEDUPE_MAX_KEYS:
+                            seen[key] = tail
+                        read, done = read + 1, position
+                        yield f"{key[0]}\t{key[1]}\t{key[2]}{tail}"  # _line(key, tail), inlined
+                    else:
+                        read, duplicate, done = read + 1, duplicate + 1, position
+                        if first != tail:
+                            conflicting += 1
+                            if self.conflict_example is None:
+                                self._note_conflict(key, first, tail)
             self.finished = True
         finally:
             counts = self.counts
@@ -1937,6 +1994,16 @@ class _FileRows:
             counts.rows_duplicate += duplicate
             self.conflicting += conflicting
             self.done = done
+
+    def _ends_seen(self, records: list) -> bool:
+        """A cheap probe before the bulk path: were the first and the last key sent before?"""
+        try:
+            return self.make_line(records[0])[0] in self.seen and self.make_line(records[-1])[0] in self.seen
+        except ValidationError:
+            return False
+
+    def _note_conflict(self, key: Key, first: str, tail: str) -> None:
+        self.conflict_example = f"{' '.join(key)}: {first.strip()} then {tail.strip()}"
 
     def take_counts(self) -> Counts:
         counts, self.counts = self.counts, Counts()
@@ -1968,7 +2035,7 @@ class _FileRows:
                         extra={"fields": {"file": self.df.rel, "conflicting_repeats": self.conflicting}})
 
     def close(self) -> None:
-        close = getattr(self.records, "close", None)
+        close = getattr(self.batches, "close", None)
         if close is not None:
             close()
 

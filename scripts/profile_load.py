@@ -43,14 +43,15 @@ PY_SPY_PIN = "py-spy==0.4.3"
 RATE = 250
 # Innermost ingest.py function -> stage, by exact name (this version's and 1f556d7's).
 STAGES = {
-    "read": "_HashingReader.readinto _Buffer.fill _open_text Digest.hexdigest _file_sha256 RecordStream.__iter__",
+    "read": "_HashingReader.readinto _Buffer.fill _open_text Digest.hexdigest _file_sha256 RecordStream.__iter__ "
+            "RecordStream.batches",
     "parse": "_Buffer.decode_batch _Buffer.decode_one _Buffer.skip_ws _Buffer.array_ends _Buffer.decode "
              "_decode_batch _iter_json_document _iter_array_items _iter_json_lines RecordStream._document "
              "RecordStream._array_items RecordStream._lines _decode_line _BatchText.item _fast_is_exact "
              "_careful_float _careful_int _careful_object _deep_nesting_at DataFile.records",
-    "validate": "_LineMaker.__call__ _LineMaker._user _LineMaker._stamp _LineMaker._tail _LineMaker._key "
+    "validate": "_LineMaker.__call__ _LineMaker._user _LineMaker._stamp _LineMaker._tail _LineMaker.repeats "
                 "validate_record _check_user_id _check_metric _check_timestamp _check_value _localize",
-    "dedupe": "_valid_lines _FileRows.part _FileStats.repeat",
+    "dedupe": "_valid_lines _FileRows.part _FileRows._ends_seen _FileRows._note_conflict _FileStats.repeat",
     "send": "_CopySource._produce _CopySource._next_batch _CopySource.read _CopySource.copy "
             "_CopySource.copy_into insert_records _insert_lines _Loader._insert",
 }

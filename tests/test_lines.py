@@ -9,6 +9,7 @@ way on the fast and the careful path.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -63,7 +64,7 @@ def test_the_line_cache_gives_exactly_what_validate_record_gives(sequence, tz):
     for obj in sequence + sequence:  # the second pass meets every record with warm caches
         try:
             key, tail, epoch = make_line(obj)
-            got = ("line", key + tail, epoch)
+            got = ("line", ingest._line(key, tail), epoch)
         except ingest.ValidationError as exc:
             got = ("reject", str(exc))
         assert got == truth(obj, tz)
@@ -77,7 +78,7 @@ def test_look_alike_values_keep_their_own_line(first, second):
         obj = {"user_id": "u1", "metric": "hrv", "timestamp": "2024-01-01T00:00:00Z", "value": value}
         try:
             key, tail, _ = make_line(obj)
-            assert ("line", key + tail) == truth(obj, dt.UTC)[:2]
+            assert ("line", ingest._line(key, tail)) == truth(obj, dt.UTC)[:2]
         except ingest.ValidationError as exc:
             assert truth(obj, dt.UTC) == ("reject", str(exc))
 
@@ -150,7 +151,7 @@ def as_reported(obj, text: str) -> tuple:
         key, tail, epoch = ingest._LineMaker(dt.UTC)(obj)
     except ingest.ValidationError as exc:
         return ("reject", ingest._reason_as_written(text, exc, dt.UTC))
-    return ("line", key + tail, epoch)
+    return ("line", ingest._line(key, tail), epoch)
 
 
 def test_batch_decoding_runs_across_read_chunk_boundaries(tmp_path, monkeypatch):
@@ -172,3 +173,105 @@ def test_batch_decoding_runs_across_read_chunk_boundaries(tmp_path, monkeypatch)
     df = ingest.DataFile(path, "a.json", "json")
     assert [plain(obj) for _, obj in df.records()] == records
     assert sum(batches) > 20  # the batch decoder did the work, window after window
+
+
+# --- windows settled in bulk: the same outcome as one record at a time ------------------------
+def file_outcome(path, tz=dt.UTC, part_chunks=None, resume_after=0, bulk=True, monkeypatch=None) -> dict:
+    """Everything _FileRows reports for a file: lines per part, counts, conflicts, rejects."""
+    if part_chunks is not None:
+        monkeypatch.setattr(ingest, "PART_CHUNKS", part_chunks)
+    settled = []
+    real = ingest._LineMaker.repeats
+
+    def repeats(self, records):
+        got = real(self, records) if bulk else None
+        settled.append(got is not None)
+        return got
+
+    monkeypatch.setattr(ingest._LineMaker, "repeats", repeats)
+    spool = path.parent / f"rejects-{bulk}.jsonl"
+    spool.unlink(missing_ok=True)
+    rejects = ingest._Rejects(spool, None)
+    rows = ingest._FileRows(ingest.DataFile(path, path.name, "json"), ingest._LineMaker(tz), rejects, 3600,
+                            resume_after)
+    parts = []
+    while not rows.finished:
+        parts.append(list(rows.part()))
+    rejects.publish()
+    rows.close()
+    rejects.close()
+    monkeypatch.setattr(ingest._LineMaker, "repeats", real)
+    return {"parts": parts, "counts": rows.take_counts(), "conflicting": rows.conflicting,
+            "example": rows.conflict_example, "done": rows.done, "rejects": spool.read_text(),
+            "settled in bulk": sum(settled)}
+
+
+def task0_like(rng, copies: int, seconds: int, odd: float) -> list:
+    """Task-0's shape: the same keys again and again with other values, some records odd."""
+    out = []
+    for copy in range(copies):
+        for i in range(seconds):
+            record = {"user_id": "user_1", "metric": "heart_rate",
+                      "timestamp": f"2024-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}", "value": 60 + copy % 3}
+            if rng.random() < odd:
+                record.update(rng.choice([{"value": 0}, {"value": 999}, {"value": 61.5}, {"metric": "hrv"},
+                                          {"user_id": "user_2"}, {"timestamp": "2024-02-30T00:00:00"},
+                                          {"timestamp": f"2024-01-01T00:00:{i % 60:02d}Z"}, {"value": "60"}]))
+            out.append(record)
+    return out
+
+
+@pytest.mark.parametrize("odd", [0.0, 0.001, 0.05])
+@pytest.mark.parametrize("part_chunks, resume_after", [(None, 0), (2, 0), (None, 700)])
+def test_windows_settled_in_bulk_end_exactly_as_one_record_at_a_time(tmp_path, monkeypatch, odd, part_chunks,
+                                                                    resume_after):
+    """Repeats of keys already sent are counted in bulk, window by window; with odd records among
+    them (a zero, out of range, another metric or user, an invalid or differently written
+    timestamp, a string value), in parts, and resuming: the lines, counts, conflicts and rejects
+    are those of the record-by-record path."""
+    import random
+
+    monkeypatch.setattr(ingest, "READ_CHUNK_CHARS", 16384)
+    path = tmp_path / "task0.json"
+    path.write_text(json.dumps(task0_like(random.Random(odd), copies=8, seconds=2000, odd=odd), indent=2))
+    bulk = file_outcome(path, part_chunks=part_chunks, resume_after=resume_after, monkeypatch=monkeypatch)
+    one_by_one = file_outcome(path, part_chunks=part_chunks, resume_after=resume_after, bulk=False,
+                              monkeypatch=monkeypatch)
+    assert bulk["settled in bulk"] > 0 and one_by_one["settled in bulk"] == 0
+    assert {k: v for k, v in bulk.items() if k != "settled in bulk"} == \
+           {k: v for k, v in one_by_one.items() if k != "settled in bulk"}
+
+
+bulk_users = st.sampled_from(["u1", "u2", 'q\t"\\N'])
+bulk_metrics = st.sampled_from(["heart_rate", "hrv", "spo2", "Heart_Rate"])
+bulk_stamps = st.sampled_from(["2024-01-01T00:00:00", "2024-01-01T00:00:00Z", "2024-01-01T00:00:01+00:00",
+                               "2024-01-01T01:00:00+01:00", "2024-03-31T02:30:00", "2024-02-30T00:00:00"])
+bulk_values = st.sampled_from([0, 0.0, -0.0, 1, 20, 60, 60.0, 61.5, 100, 100.5, 300, 300.5, 499.9, 1e-300])
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.tuples(bulk_users, bulk_metrics, bulk_stamps, bulk_values), max_size=20), bulk_metrics,
+       st.lists(st.tuples(bulk_users, bulk_stamps, bulk_values), min_size=2, max_size=12),
+       st.sampled_from([dt.UTC, ZoneInfo("Europe/Berlin")]))
+def test_bulk_keys_and_values_are_those_of_each_record(earlier, metric, window, tz):
+    """Whenever _LineMaker.repeats settles a window, each record's key and value part are the ones
+    the record alone gets, with the caches warmed by earlier records of any metric (a number
+    accepted for hrv is not thereby within heart_rate's bounds)."""
+    make_line = ingest._LineMaker(tz)
+    records = [ingest._Record(user, metric, ts, value) for user, ts, value in window]
+    for record in [ingest._Record(*f) for f in earlier] + records:
+        with contextlib.suppress(ingest.ValidationError):
+            make_line(record)
+    got = make_line.repeats(records)
+    if got is not None:
+        keys, tails = got
+        assert [(k, t) for k, t in zip(keys, tails, strict=True)] == [make_line(r)[:2] for r in records]
+
+
+def test_a_number_accepted_for_one_metric_is_checked_against_another_metrics_bounds():
+    make_line = ingest._LineMaker(dt.UTC)
+    make_line(ingest._Record("u1", "hrv", "2024-01-01T00:00:00", 499.9))  # cached for hrv
+    window = [ingest._Record("u1", "heart_rate", "2024-01-01T00:00:00", v) for v in (60, 499.9)]
+    make_line(window[0])
+    assert make_line.repeats(window) is None
+    assert make_line.repeats(window[:1] * 2) is not None
