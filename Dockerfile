@@ -1,4 +1,4 @@
-# Image for the batch loader: `python ingest.py` against TimescaleDB.
+# Image for the batch loader: `python -m ingest` (ingest.py) against TimescaleDB.
 # Build context is restricted by .dockerignore to ingest.py, requirements.txt
 # and sql/ -- no .env, no data, no tests ever reach the image.
 # Base image: the Python 3.12 minor tag on Debian 12 (bookworm), slim variant. How to move or
