@@ -49,8 +49,6 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import msgspec
-
 __all__ = ["connect_db", "insert_records", "load_files", "main", "validate_record"]
 __version__ = "0.2.0"
 
@@ -424,14 +422,14 @@ class _LineMaker:
     def __call__(self, obj: object) -> tuple[Key, str, int]:
         """(key, tail, epoch seconds) of a valid record; raises ValidationError otherwise. Its COPY
         line is _line(key, tail)."""
-        kind = type(obj)
-        if kind is _Record:  # the fast decoder's: the four keys, three of them strings
-            user, metric, ts, value = obj.user_id, obj.metric, obj.timestamp, obj.value
-        elif kind is dict:
+        if type(obj) is dict:
             user, metric, ts, value = (obj.get("user_id"), obj.get("metric"), obj.get("timestamp"),
                                        obj.get("value"))
         else:
-            user = None
+            try:  # the fast decoder's Record: the four keys, three of them strings
+                user, metric, ts, value = obj.user_id, obj.metric, obj.timestamp, obj.value
+            except AttributeError:  # any other JSON value, or an Unparsable line
+                user = None
         if type(user) is str and type(metric) is str and type(ts) is str:
             escaped = self.users.get(user) or self._user(user)
             stamp = self.stamps.get(ts) or self._stamp(ts)
@@ -444,7 +442,7 @@ class _LineMaker:
                 tail = self._tail(metric, value)
             if escaped and stamp and tail:
                 return (escaped, metric, stamp[0]), tail, stamp[1]
-        validate_record(msgspec.structs.asdict(obj) if type(obj) is _Record else obj, self.tz)  # the reason
+        validate_record(_plain(obj), self.tz)  # raises the reason for the reject
         raise AssertionError(f"validate_record accepted what its own checks refused: {obj!r}")
 
     def repeats(self, records: list) -> tuple[list[Key], list[str]] | None:
@@ -452,7 +450,7 @@ class _LineMaker:
         when each field is one already accepted: the user, the timestamp and the number found in
         the caches above, one metric, every value within its bounds. None otherwise (the records
         then go one by one). Used for windows whose every key was sent before (Task-0's shape)."""
-        if type(records[0]) is not _Record:
+        if type(records[0]) is not _typed().Record:
             return None
         metrics = set(map(_METRIC_OF, records))
         bounds = METRIC_BOUNDS.get(metrics.pop()) if len(metrics) == 1 else None
@@ -627,9 +625,9 @@ class RecordStream:
             yield position, [value]
 
     def _array_items(self, buf: _Buffer) -> Iterator[tuple[int, list]]:
-        position = 0
+        position, typed = 0, _typed()
         while True:
-            batch = buf.decode_batch()
+            batch = buf.decode_batch(typed.decode_list, _fast_is_exact, typed.errors)
             if batch is not None:
                 items, text = batch
                 self._batch, self._first = _BatchText(text), position + 1  # split only if asked
@@ -675,9 +673,10 @@ class RecordStream:
 
 def _decode_line(line: str) -> object:
     """One JSON Lines line: the fast decoder when the text shows nothing it could get wrong."""
+    typed = _typed()
     try:
-        value = _FAST_RECORD.decode(line)
-    except _FAST_ERRORS:
+        value = typed.decode_one(line)
+    except typed.errors:
         pass  # decoded again below, carefully, for the exact reason
     else:
         if _fast_is_exact(line, (value,)):
@@ -821,31 +820,53 @@ _CAREFUL = json.JSONDecoder(parse_float=_careful_float, parse_int=_careful_int,
                             object_pairs_hook=_careful_object)
 
 
-class _Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A record as the fast decoder reads it: exactly the four keys, three strings and a number.
+class _Typed(NamedTuple):
+    """The fast decoder: msgspec, decoding straight into ``Record`` (a msgspec Struct) a window of
+    records (``decode_list``) or one line (``decode_one``); ``errors`` are what it raises."""
 
-    Anything else (a key missing or unknown, another type, invalid JSON) makes the decoder refuse
-    the whole text, which is then read again by the careful decoder for the exact reason.
-    """
-
-    user_id: str
-    metric: str
-    timestamp: str
-    value: int | float
+    Record: type
+    decode_list: Callable[[str], list]
+    decode_one: Callable[[str], object]
+    errors: tuple[type[BaseException], ...]
 
 
-_FAST_RECORDS = msgspec.json.Decoder(list[_Record])
-_FAST_RECORD = msgspec.json.Decoder(_Record)
-_FAST_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
+@functools.cache
+def _typed() -> _Typed:
+    """Made at the first file read, like a lazy import: importing msgspec takes about 10 ms, which
+    a run that finds nothing new does without."""
+    import msgspec
+
+    class Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+        """A record as the fast decoder reads it: exactly the four keys, three strings and a number.
+
+        Anything else (a key missing or unknown, another type, invalid JSON) makes the decoder
+        refuse the whole text, which is then read again by the careful decoder for the exact reason.
+        """
+
+        user_id: str
+        metric: str
+        timestamp: str
+        value: int | float
+
+    return _Typed(Record, msgspec.json.Decoder(list[Record]).decode, msgspec.json.Decoder(Record).decode,
+                  (msgspec.DecodeError, ValueError, RecursionError))
+
+
+def _plain(obj: object) -> object:
+    """A record as the JSON value it stands for: a fast-decoded Record as a dict, others as they are."""
+    fields = getattr(type(obj), "__struct_fields__", None)
+    return {name: getattr(obj, name) for name in fields} if fields is not None else obj
+
+
 _VALUE_OF = operator.attrgetter("value")
 _PLAIN_NUMBER = 1e15  # beyond every metric's bounds: such values are read carefully, for the reason
 
 
-def _fast_is_exact(text: str, items: Sequence[_Record]) -> bool:
+def _fast_is_exact(text: str, items: Sequence) -> bool:
     """Did the fast decoder see all there was? Like any JSON decoder it keeps the last of a key
     named twice and reads 1e-400 as 0; the careful decoder makes both a reject.
 
-    Every item decoded to a _Record has its four keys and three string values: at least 14
+    Every item decoded to a Record has its four keys and three string values: at least 14
     double quotes. A key named twice (in any spelling) adds at least two more, as does an
     escaped quote, so a text with exactly 14 per item has neither. No value may be a float zero
     (the only thing an underflowing number can become; a zero written "0.0" is merely read again
@@ -922,8 +943,8 @@ class _Buffer:
             raise FileFormatError(f"invalid JSON at {self.where(self.pos - 1)}: expected ',' or ']'")
         return False
 
-    def decode_batch(self, decode: Callable[[str], list] = _FAST_RECORDS.decode,
-                     exact: Callable[[str, list], bool] = _fast_is_exact) -> tuple[list, str] | None:
+    def decode_batch(self, decode: Callable[[str], list], exact: Callable[[str, list], bool],
+                     errors: tuple[type[BaseException], ...]) -> tuple[list, str] | None:
         """Decode many array items with one call of the fast decoder (its C code does the looping).
 
         The window is cut after its last "}," and parsed as an array. That cut can only parse if
@@ -939,7 +960,7 @@ class _Buffer:
         text = self.text[self.pos : cut + 1]
         try:
             items = decode(f"[{text}]")
-        except _FAST_ERRORS:
+        except errors:
             return None
         if not exact(text, items):
             return None
@@ -1403,7 +1424,7 @@ class _fb_ArrayStream(_Buffer):
             self.pos += 1
         else:
             while True:
-                batch = self.decode_batch(_FAST.decode, _fb_any_items)  # Fitbit's shapes, checked later
+                batch = self.decode_batch(_FAST.decode, _fb_any_items, (ValueError, RecursionError))  # checked later
                 if batch is not None:
                     yield from batch[0]
                     continue
@@ -1966,7 +1987,7 @@ class _FileRows:
                         if len(seen) < DEDUPE_MAX_KEYS:
                             seen.setdefault(key, tail)
                         continue
-                    if type(obj) is dict and len(obj) > 4:  # a _Record has exactly the four
+                    if type(obj) is dict and len(obj) > 4:  # a Record has exactly the four
                         self._extra_keys(obj, position)
                     first = seen.get(key)
                     if first is None:

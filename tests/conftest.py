@@ -14,7 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-import msgspec
 import psycopg2
 import pytest
 from dotenv import dotenv_values
@@ -211,5 +210,5 @@ def rec(user="u1", metric="activity", ts="2024-01-01T00:00:00Z", value=60, **ext
 
 def plain(obj: object) -> object:
     """A record as the reader yields it, shown as the JSON value it stands for (the fast decoder
-    yields ingest._Record, the careful one dicts)."""
-    return msgspec.structs.asdict(obj) if type(obj) is ingest._Record else obj
+    yields msgspec Records, the careful one dicts)."""
+    return ingest._plain(obj)

@@ -110,8 +110,8 @@ def test_fast_and_careful_decoding_validate_alike(items):
                      f'"value": {value}{extra}}}')
     batch = ",\n".join(texts)
     try:
-        fast = ingest._FAST_RECORDS.decode(f"[{batch}]")
-    except ingest._FAST_ERRORS:
+        fast = ingest._typed().decode_list(f"[{batch}]")
+    except ingest._typed().errors:
         fast = None
     if fast is not None and ingest._fast_is_exact(batch, fast):
         for obj, text in zip(fast, texts, strict=True):
@@ -124,7 +124,7 @@ def test_the_fast_decoder_reads_the_common_record_and_leaves_the_doubtful_to_the
     """The fast path is taken where it is safe (so the property above tests something) and
     refused for each thing it could get wrong."""
     def fast(text: str) -> bool:
-        return type(ingest._decode_line(text)) is ingest._Record
+        return type(ingest._decode_line(text)) is ingest._typed().Record
 
     record = '{{"user_id": {u}, "metric": "hrv", "timestamp": "2024-01-01T00:00:00Z", "value": {v}{x}}}'
     assert fast(record.format(u='"u1"', v="42.5", x=""))
@@ -164,8 +164,8 @@ def test_batch_decoding_runs_across_read_chunk_boundaries(tmp_path, monkeypatch)
     batches = []
     real = ingest._Buffer.decode_batch
 
-    def counting(self):
-        got = real(self)
+    def counting(self, *args):
+        got = real(self, *args)
         batches.append(got is not None)
         return got
 
@@ -258,8 +258,8 @@ def test_bulk_keys_and_values_are_those_of_each_record(earlier, metric, window, 
     the record alone gets, with the caches warmed by earlier records of any metric (a number
     accepted for hrv is not thereby within heart_rate's bounds)."""
     make_line = ingest._LineMaker(tz)
-    records = [ingest._Record(user, metric, ts, value) for user, ts, value in window]
-    for record in [ingest._Record(*f) for f in earlier] + records:
+    records = [ingest._typed().Record(user, metric, ts, value) for user, ts, value in window]
+    for record in [ingest._typed().Record(*f) for f in earlier] + records:
         with contextlib.suppress(ingest.ValidationError):
             make_line(record)
     got = make_line.repeats(records)
@@ -270,8 +270,8 @@ def test_bulk_keys_and_values_are_those_of_each_record(earlier, metric, window, 
 
 def test_a_number_accepted_for_one_metric_is_checked_against_another_metrics_bounds():
     make_line = ingest._LineMaker(dt.UTC)
-    make_line(ingest._Record("u1", "hrv", "2024-01-01T00:00:00", 499.9))  # cached for hrv
-    window = [ingest._Record("u1", "heart_rate", "2024-01-01T00:00:00", v) for v in (60, 499.9)]
+    make_line(ingest._typed().Record("u1", "hrv", "2024-01-01T00:00:00", 499.9))  # cached for hrv
+    window = [ingest._typed().Record("u1", "heart_rate", "2024-01-01T00:00:00", v) for v in (60, 499.9)]
     make_line(window[0])
     assert make_line.repeats(window) is None
     assert make_line.repeats(window[:1] * 2) is not None
