@@ -1959,22 +1959,12 @@ class _FileRows:
         done = self.done
         try:
             for first_position, records in batches:
-                # A decoded window whose every record repeats a key already sent is settled in
-                # bulk: the same checks (make_line.repeats) and the same counts as one by one.
-                if len(records) > 1 and first_position > resume_after and self._ends_seen(records):
-                    bulk = make_line.repeats(records)
-                    if bulk is not None:
-                        keys, tails = bulk
-                        firsts = list(map(seen.get, keys))
-                        if None not in firsts:
-                            read, duplicate = read + len(records), duplicate + len(records)
-                            done = first_position + len(records) - 1
-                            differ = sum(map(operator.ne, firsts, tails))
-                            if differ:
-                                conflicting += differ
-                                if self.conflict_example is None:
-                                    self._note_conflict(*next(c for c in zip(keys, firsts, tails) if c[1] != c[2]))
-                            continue
+                if len(records) > 1 and first_position > resume_after:
+                    differ = self._repeats_of_sent(records)
+                    if differ is not None:  # settled in bulk: every record repeats a key already sent
+                        read, duplicate = read + len(records), duplicate + len(records)
+                        conflicting, done = conflicting + differ, first_position + len(records) - 1
+                        continue
                 for position, obj in enumerate(records, first_position):
                     try:
                         key, tail, epoch = make_line(obj)
@@ -2000,7 +1990,7 @@ class _FileRows:
                         if len(seen) < DEDUPE_MAX_KEYS:
                             seen[key] = tail
                         read, done = read + 1, position
-                        yield f"{key[0]}\t{key[1]}\t{key[2]}{tail}"  # _line(key, tail), inlined
+                        yield _line(key, tail)
                     else:
                         read, duplicate, done = read + 1, duplicate + 1, position
                         if first != tail:
@@ -2016,12 +2006,28 @@ class _FileRows:
             self.conflicting += conflicting
             self.done = done
 
-    def _ends_seen(self, records: list) -> bool:
-        """A cheap probe before the bulk path: were the first and the last key sent before?"""
+    def _repeats_of_sent(self, records: list) -> int | None:
+        """A decoded window whose every record repeats a key already sent, settled in bulk: the
+        same checks (make_line.repeats) and the same outcome as one by one. Returns how many
+        records repeat their key with a different value, or None when the window must go one by
+        one. The first and the last key are probed first, so a window of new keys costs two calls."""
+        seen, make_line = self.seen, self.make_line
         try:
-            return self.make_line(records[0])[0] in self.seen and self.make_line(records[-1])[0] in self.seen
+            if make_line(records[0])[0] not in seen or make_line(records[-1])[0] not in seen:
+                return None
         except ValidationError:
-            return False
+            return None
+        bulk = make_line.repeats(records)
+        if bulk is None:
+            return None
+        keys, tails = bulk
+        firsts = list(map(seen.get, keys))
+        if None in firsts:
+            return None
+        differ = sum(map(operator.ne, firsts, tails))
+        if differ and self.conflict_example is None:
+            self._note_conflict(*next(c for c in zip(keys, firsts, tails) if c[1] != c[2]))
+        return differ
 
     def _note_conflict(self, key: Key, first: str, tail: str) -> None:
         self.conflict_example = f"{' '.join(key)}: {first.strip()} then {tail.strip()}"

@@ -36,9 +36,11 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg2
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # the bench's connection settings and pinned virtualenvs
+
 PY_SPY_PIN = "py-spy==0.4.3"
 RATE = 250
 # Innermost ingest.py function -> stage, by exact name (this version's and 1f556d7's).
@@ -51,7 +53,7 @@ STAGES = {
              "_careful_float _careful_int _careful_object _deep_nesting_at DataFile.records",
     "validate": "_LineMaker.__call__ _LineMaker._user _LineMaker._stamp _LineMaker._tail _LineMaker.repeats "
                 "validate_record _check_user_id _check_metric _check_timestamp _check_value _localize",
-    "dedupe": "_valid_lines _FileRows.part _FileRows._ends_seen _FileRows._note_conflict _FileStats.repeat",
+    "dedupe": "_valid_lines _FileRows.part _FileRows._repeats_of_sent _FileRows._note_conflict _FileStats.repeat",
     "send": "_CopySource._produce _CopySource._next_batch _CopySource.read _CopySource.copy "
             "_CopySource.copy_into insert_records _insert_lines _Loader._insert",
 }
@@ -60,20 +62,10 @@ STAGE_OF = {name: stage for stage, names in STAGES.items() for name in names.spl
 
 def ensure_py_spy(scratch: Path) -> str:
     venv = scratch / "venv-profile"
-    exe = venv / "bin" / "py-spy"
-    if not exe.exists():
-        print(f"profile: installing {PY_SPY_PIN} into {venv} (benchmark-only)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                        "--disable-pip-version-check", PY_SPY_PIN], check=True)
-    return str(exe)
-
-
-def settings() -> dict:
-    env = os.environ
-    return {"host": env.get("POSTGRES_HOST", "127.0.0.1"), "port": int(env.get("POSTGRES_PORT", "55432")),
-            "user": env.get("POSTGRES_USER", "ingest"), "password": env.get("POSTGRES_PASSWORD", ""),
-            "dbname": env.get("POSTGRES_DB", "fitbit")}
+    why = bench.pinned_venv(venv, (PY_SPY_PIN,))
+    if why is not None:
+        sys.exit(f"profile: {why}")
+    return str(venv / "bin" / "py-spy")
 
 
 def server_cpu_seconds() -> float:
@@ -103,10 +95,8 @@ def stage_of(stack: list[str]) -> str:
     return "other"
 
 
-def profile(ingest: Path, data_dir: Path, scratch: Path, py_spy: str) -> dict:
-    s = settings()
-    admin = psycopg2.connect(**s)
-    admin.autocommit = True
+def profile(ingest: Path, data_dir: Path, py_spy: str) -> dict:
+    admin = bench.connect()
     name = f"profile_{uuid.uuid4().hex[:8]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
@@ -140,7 +130,7 @@ def main() -> int:
     p.add_argument("--scratch", type=Path, default=ROOT / "bench-data")
     args = p.parse_args()
     py_spy = ensure_py_spy(args.scratch)
-    got = profile(args.ingest.resolve(), args.data_dir.resolve(), args.scratch, py_spy)
+    got = profile(args.ingest.resolve(), args.data_dir.resolve(), py_spy)
     stages = [*STAGES, "waiting", "other"]
     print(f"{args.ingest}: wall {got['wall']:.2f} s (under py-spy), server CPU {got['server']:.2f} s\n")
     print("| thread | " + " | ".join(stages) + " |")
