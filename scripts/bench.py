@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg2
@@ -340,24 +340,35 @@ def ingest_flags() -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
 
 
+def pinned_venv(venv: Path, pins: Sequence[str]) -> str | None:
+    """Make ``venv`` a virtualenv holding exactly ``pins`` (once: a marker file records them; a
+    change of pins makes it again). Returns why it could not, or None."""
+    python = venv / "bin" / "python"
+    marker = venv / "bench-pins.txt"
+    wanted = "\n".join(pins) + "\n"
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
+        return None
+    shutil.rmtree(venv, ignore_errors=True)
+    print(f"bench: installing {' '.join(pins)} into {venv} (benchmark-only)", flush=True)
+    steps = ([sys.executable, "-m", "venv", str(venv)],
+             [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pins])
+    for cmd in steps:
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            return f"cannot install {' '.join(pins)}: {last}"
+    marker.write_text(wanted)
+    return None
+
+
 def ensure_duckdb(scratch: Path) -> tuple[str | None, str]:
     """A Python with DUCKDB_PINS installed (a virtualenv under scratch, made once): (python, "duckdb X")
     or (None, why not)."""
     venv = scratch / "venv-duckdb"
     python = venv / "bin" / "python"
-    marker = venv / "bench-pins.txt"
-    wanted = "\n".join(DUCKDB_PINS) + "\n"
-    if not (python.exists() and marker.exists() and marker.read_text() == wanted):
-        shutil.rmtree(venv, ignore_errors=True)
-        print(f"bench: installing {' '.join(DUCKDB_PINS)} into {venv} (benchmark-only)", flush=True)
-        steps = ([sys.executable, "-m", "venv", str(venv)],
-                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *DUCKDB_PINS])
-        for cmd in steps:
-            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if p.returncode != 0:
-                last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-                return None, f"cannot install {' '.join(DUCKDB_PINS)}: {last}"
-        marker.write_text(wanted)
+    why = pinned_venv(venv, DUCKDB_PINS)
+    if why is not None:
+        return None, why
     p = subprocess.run([str(python), "-c", "import duckdb; print(duckdb.__version__)"], capture_output=True,
                        text=True, check=False)
     if p.returncode != 0:

@@ -207,8 +207,3 @@ def run(tmp_path, monkeypatch, db):
 def rec(user="u1", metric="activity", ts="2024-01-01T00:00:00Z", value=60, **extra) -> dict:
     return {"user_id": user, "metric": metric, "timestamp": ts, "value": value, **extra}
 
-
-def plain(obj: object) -> object:
-    """A record as the reader yields it, shown as the JSON value it stands for (the fast decoder
-    yields msgspec Records, the careful one dicts)."""
-    return ingest._plain(obj)

@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ingest
-from tests.conftest import plain
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "200"))
 
@@ -171,7 +170,7 @@ def test_batch_decoding_runs_across_read_chunk_boundaries(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ingest._Buffer, "decode_batch", counting)
     df = ingest.DataFile(path, "a.json", "json")
-    assert [plain(obj) for _, obj in df.records()] == records
+    assert [ingest._plain(obj) for _, obj in df.records()] == records
     assert sum(batches) > 20  # the batch decoder did the work, window after window
 
 

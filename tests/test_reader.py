@@ -11,7 +11,7 @@ import pytest
 
 import ingest
 from ingest import FileFormatError, Unparsable, load_files
-from tests.conftest import plain, rec
+from tests.conftest import rec
 
 
 def write(root: Path, rel: str, data) -> Path:
@@ -27,7 +27,7 @@ def write(root: Path, rel: str, data) -> Path:
 def records(root: Path, rel: str) -> list:
     """(position, record) pairs, a record the fast decoder read shown as the dict it stands for."""
     (df,) = [f for f in load_files(root) if f.rel == rel]
-    return [(p, plain(r)) for p, r in df.records()]
+    return [(p, ingest._plain(r)) for p, r in df.records()]
 
 
 def test_files_are_found_recursively_in_sorted_relative_path_order(tmp_path):
