@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import datetime as dt
 import functools
 import gzip
@@ -40,14 +39,16 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+# Imported where first needed, so that a run that finds nothing new starts without them:
+# msgspec (the first file read), tempfile (the first spool), zoneinfo (a time zone other than
+# UTC), psycopg2 (the first connection). dataclasses is not used: importing it costs about 10 ms.
 
 __all__ = ["connect_db", "insert_records", "load_files", "main", "validate_record"]
 __version__ = "0.2.0"
@@ -117,8 +118,7 @@ DEFAULTS = {
 UTC = dt.UTC
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """Everything a run needs, resolved once in ``main``: flag > environment > .env > default."""
 
     conninfo: dict  # keyword arguments for psycopg2.connect (may hold "dsn")
@@ -540,8 +540,7 @@ def _escape_name(name: str) -> str:
     return "".join(out)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DataFile:
+class DataFile(NamedTuple):
     path: Path
     rel: str  # path relative to DATA_DIR, "/" separators, escaped: the name used everywhere
     kind: str  # "json", "jsonl", a Fitbit kind (FITBIT_KINDS), "ignored", or "" (could not be listed)
@@ -1051,7 +1050,7 @@ def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None 
             found.append(DataFile(path, rel, kind, gzipped, error, owner))
     if source_format == "auto":  # beside Fitbit files, a JSON file without records is one more of theirs
         fitbit_dirs = {df.path.parent for df in found if df.kind in FITBIT_KINDS}
-        found = [dataclasses.replace(df, kind="ignored") if df.kind == "json" and df.error is None
+        found = [df._replace(kind="ignored") if df.kind == "json" and df.error is None
                  and df.path.parent in fitbit_dirs and b'"user_id"' not in _head(df.path) else df for df in found]
     yield from sorted(found, key=lambda df: df.rel)
 
@@ -1856,15 +1855,25 @@ _fb_READERS = {
 _COUNT_FIELDS = ("records_read", "records_rejected", "rows_inserted", "rows_updated", "rows_duplicate")
 
 
-@dataclasses.dataclass(slots=True)
 class Counts:
     """What happened to records and rows: per part, per file and per run alike."""
 
-    records_read: int = 0
-    records_rejected: int = 0
-    rows_inserted: int = 0
-    rows_updated: int = 0
-    rows_duplicate: int = 0  # already present, or a repeat of a key met earlier in the run
+    __slots__ = _COUNT_FIELDS
+
+    def __init__(self, records_read: int = 0, records_rejected: int = 0, rows_inserted: int = 0,
+                 rows_updated: int = 0, rows_duplicate: int = 0) -> None:
+        self.records_read, self.records_rejected = records_read, records_rejected
+        self.rows_inserted, self.rows_updated = rows_inserted, rows_updated
+        self.rows_duplicate = rows_duplicate  # already present, or a repeat of a key met earlier in the run
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Counts and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"Counts({', '.join(f'{k}={v}' for k, v in self.as_dict().items())})"
+
+    def copy(self) -> Counts:
+        return Counts(*self.as_dict().values())
 
     def __iadd__(self, other: Counts) -> Counts:  # noqa: PYI034
         for name in _COUNT_FIELDS:
@@ -1888,24 +1897,27 @@ class _Rejects:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ConfigError(f"cannot write the reject file {path}: {exc.strerror or exc}") from None
-        self._spool = self._new_spool()
-
-    @staticmethod
-    def _new_spool() -> tempfile.SpooledTemporaryFile:
-        return tempfile.SpooledTemporaryFile(max_size=1 << 22, mode="w+b")
+        self._spool = None  # made at the first reject
 
     def add(self, file: str, position: int | None, reason: str, text: str | None = None) -> None:
         entry = {"run_id": self.run_id, "file": file, "position": position, "reason": reason,
                  "record": None if text is None else text[:REJECT_RECORD_CHARS]}
+        if self._spool is None:
+            import tempfile
+
+            self._spool = tempfile.SpooledTemporaryFile(max_size=1 << 22, mode="w+b")  # noqa: SIM115 (closed in discard())
         # A lone surrogate ("\ud800" in the input) cannot be UTF-8: it stays as its escape.
         self._spool.write(json.dumps(entry, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
 
     def discard(self) -> None:
-        self._spool.close()
-        self._spool = self._new_spool()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     def publish(self) -> None:
         """Append what is spooled to the reject file; RejectFileError if it cannot be written."""
+        if self._spool is None:
+            return
         try:
             self._spool.seek(0)
             while chunk := self._spool.read(1 << 20):
@@ -1918,7 +1930,7 @@ class _Rejects:
             self.discard()
 
     def close(self) -> None:
-        self._spool.close()
+        self.discard()
         os.close(self._fd)
 
 
@@ -2264,8 +2276,13 @@ class _CopySource:
         self.exhausted = False
         self.error: BaseException | None = None  # raised by the reading: psycopg2 would hide it
         self.watch: int | None = None
-        self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close())
-            max_size=32 << 20, mode="w+", encoding="utf-8") if keep else None
+        if keep:
+            import tempfile
+
+            self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close())
+                max_size=32 << 20, mode="w+", encoding="utf-8")
+        else:
+            self._spool = None
         self._keeping, self._replaying = keep, False
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
@@ -2577,29 +2594,36 @@ class _Stop:
 FILE_STATUSES = ("loaded", "skipped", "failed", "failed_before", "busy", "checked", "ignored")
 
 
-@dataclasses.dataclass(slots=True)  # one per file in the summary: 100,000 files stay small
 class FileResult:
-    file: str
-    status: str
-    counts: Counts = dataclasses.field(default_factory=Counts)
-    error: str | None = None
-    seconds: float = 0.0
-    kind: str = "json"  # the source file type: json, jsonl, or a Fitbit kind
+    """One per file in the summary (slots: 100,000 files stay small)."""
+
+    __slots__ = ("counts", "error", "file", "kind", "seconds", "status")
+
+    def __init__(self, file: str, status: str, counts: Counts | None = None, error: str | None = None,
+                 seconds: float = 0.0, kind: str = "json") -> None:
+        self.file, self.status, self.counts, self.error = file, status, counts or Counts(), error
+        self.seconds = seconds
+        self.kind = kind  # the source file type: json, jsonl, or a Fitbit kind
+
+    def __repr__(self) -> str:
+        return f"FileResult({self.fields()})"
 
     def fields(self) -> dict:
         return {"file": self.file, "status": self.status, **self.counts.as_dict(), "error": self.error,
                 "seconds": self.seconds, "kind": self.kind}
 
 
-@dataclasses.dataclass
 class Summary:
-    run_id: int | None = None
-    files: Counter = dataclasses.field(default_factory=Counter)  # status -> number of files
-    counts: Counts = dataclasses.field(default_factory=Counts)
-    seconds: float = 0.0
-    status: str = "running"
-    error: str | None = None
-    results: list[FileResult] = dataclasses.field(default_factory=list)
+    """The run's: every file's result, files by status, the counts added up."""
+
+    def __init__(self) -> None:
+        self.run_id: int | None = None
+        self.files: Counter = Counter()  # status -> number of files
+        self.counts = Counts()
+        self.seconds = 0.0
+        self.status = "running"
+        self.error: str | None = None
+        self.results: list[FileResult] = []
 
     def add(self, result: FileResult) -> None:
         self.results.append(result)
@@ -2705,7 +2729,7 @@ class _Loader:
                 sha256 = rows.digest.hexdigest() if rows.finished else None
                 self._record(conn, df, claim.stat, status, total, rows.done, sha256)
                 self._commit(conn)  # the part's rejects first, then its rows and manifest row
-                self.committed = (rows.done, dataclasses.replace(total))
+                self.committed = (rows.done, total.copy())
                 if rows.finished:
                     break
                 if not self._reclaim(conn, df, rows.done):
@@ -3489,14 +3513,18 @@ def _conninfo(s: dict, timeout: int, port: int, stall: int = 0) -> dict:
 def _timezone(name: str) -> dt.tzinfo:
     if name.upper() in ("UTC", "Z", "ETC/UTC"):
         return UTC
+    import zoneinfo
+
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"SOURCE_TIMEZONE: unknown time zone {name!r} (use an IANA name such as Europe/Berlin)") from None
 
 
 def _summary_writable(path: Path) -> None:
     """Fail at start (exit 2) if the summary file could not be written at the end."""
+    import tempfile
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
