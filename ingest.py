@@ -1181,6 +1181,7 @@ _fb_API_SNIFF: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 _fb_HRV_KEY = re.compile(_fb_KEY.format("hrv"))
 _fb_MINUTES_LIST = re.compile(r'"minutes"\s*:\s*\[')
 _fb_MINUTE_KEY = re.compile(_fb_KEY.format("minute"))
+_fb_API_WORDS = ('"activities-', '"br"', '"hrv"', '"minutes"')
 
 
 def fitbit_kind(rel_path: str, head: bytes) -> str | None:
@@ -1202,7 +1203,8 @@ def fitbit_kind(rel_path: str, head: bytes) -> str | None:
 
 
 def _fb_sniff_api(text: str) -> str | None:
-    if text[:1] not in ("{", "["):
+    # Each pattern below needs one of these words: a plain search rules most files out at once.
+    if text[:1] not in ("{", "[") or not any(word in text for word in _fb_API_WORDS):
         return None
     for pattern, kind in _fb_API_SNIFF:
         if pattern.search(text):
