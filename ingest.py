@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import NamedTuple
 
 # Imported where first needed, so that a run that finds nothing new starts without them:
@@ -1027,9 +1027,11 @@ def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None 
 
     for folder, dirs, names in os.walk(root, onerror=unlistable):
         dirs.sort()
+        base = "" if folder == str(root) else os.path.relpath(folder, root) + "/"
+        here = Path(folder)
         for name in names:
-            path = Path(folder, name)
-            rel = _escape_name(path.relative_to(root).as_posix())
+            path = here / name
+            rel = _escape_name(base + name)
             if not _may_hold_data(rel, source_format):
                 log.debug("skipping %s: not a file this loader reads", rel)
                 continue
@@ -1082,7 +1084,7 @@ def _kind_of(path: Path, rel: str, source_format: str) -> tuple[str | None, bool
         fitbit = fitbit_kind(rel, _head(path))
     if fitbit is not None and source_format in ("auto", fitbit_format(fitbit)):
         return fitbit, False
-    in_export = any(part.lower() in _EXPORT_DIRS for part in PurePosixPath(rel).parts[:-1])
+    in_export = any(part in _EXPORT_DIRS for part in rel.lower().split("/")[:-1])
     if source_format != "auto" or in_export:
         # A data file of the flat format stays one, wherever it lies.
         if flat is not None and source_format == "auto" and b'"user_id"' in _head(path):
@@ -1102,7 +1104,11 @@ def _head(path: Path) -> bytes:
 
 def _unloadable(path: Path, root: Path, rel: str) -> str | None:
     """None for a regular file; "skip" for what is never data; else why it cannot be read."""
-    if path.is_symlink():
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+    if stat.S_ISLNK(mode):
         if not path.exists():
             log.warning("skipping %s: No such file or directory (a dangling symlink)", rel)
             return "skip"
@@ -1111,10 +1117,10 @@ def _unloadable(path: Path, root: Path, rel: str) -> str | None:
             log.warning("skipping %s: symlink to %s, outside the data directory", rel,
                         _escape_name(str(target)))
             return "skip"
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        return f"cannot read file: {exc.strerror or exc}"
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            return f"cannot read file: {exc.strerror or exc}"
     if not stat.S_ISREG(mode):
         log.warning("skipping %s: not a regular file", rel)
         return "skip"
@@ -1167,6 +1173,9 @@ _fb_NAME_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (rf"active_zone_minutes_{_fb_DATE}\.csv", "takeout-azm-csv"),
     )
 )
+# The same, by the extension every one of them ends with (a name is tried against its own only).
+_fb_NAMES_BY_EXTENSION = {ext: tuple(p for p in _fb_NAME_PATTERNS if p[0].pattern.endswith(f"\\{ext}"))
+                          for ext in (".json", ".csv")}
 
 # Content sniffing for saved Web API bodies (first <= 4 KB). A key must appear as an object key.
 _fb_KEY = r'"{}"\s*:'
@@ -1193,10 +1202,10 @@ def fitbit_kind(rel_path: str, head: bytes) -> str | None:
     ``.json`` files are recognised as API responses by those keys alone. A Takeout name whose
     content looks wrong keeps its Takeout kind, so that the reader reports why it is broken.
     """
-    name = PurePosixPath(rel_path.replace("\\", "/")).name.lower()
+    name = rel_path.replace("\\", "/").rpartition("/")[2].lower()
     text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     api_kind = _fb_sniff_api(text) if name.endswith(".json") else None
-    for pattern, kind in _fb_NAME_PATTERNS:
+    for pattern, kind in _fb_NAMES_BY_EXTENSION.get(os.path.splitext(name)[1], ()):
         if pattern.fullmatch(name):
             return api_kind or kind
     return api_kind
@@ -1204,7 +1213,7 @@ def fitbit_kind(rel_path: str, head: bytes) -> str | None:
 
 def _fb_sniff_api(text: str) -> str | None:
     # Each pattern below needs one of these words: a plain search rules most files out at once.
-    if text[:1] not in ("{", "[") or not any(word in text for word in _fb_API_WORDS):
+    if text[:1] not in ("{", "[") or not any(map(text.__contains__, _fb_API_WORDS)):
         return None
     for pattern, kind in _fb_API_SNIFF:
         if pattern.search(text):
@@ -3525,12 +3534,11 @@ def _timezone(name: str) -> dt.tzinfo:
 
 def _summary_writable(path: Path) -> None:
     """Fail at start (exit 2) if the summary file could not be written at the end."""
-    import tempfile
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
-            pass
+        probe = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # made, then removed
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        probe.unlink()
         if path.exists() and (path.is_dir() or not os.access(path, os.W_OK)):
             raise OSError(21 if path.is_dir() else 13, "Is a directory" if path.is_dir() else "Permission denied")
     except OSError as exc:

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg2
@@ -245,6 +245,25 @@ def connect(dbname: str | None = None):
     return conn
 
 
+def drop_database(cursor: Callable[[], object], name: str) -> bool:
+    """DROP DATABASE, retried for 10 s; False (and said on stderr) if it never succeeds.
+
+    Plain DROP first: it stops an autovacuum worker still busy in the database, which WITH (FORCE)
+    refuses to do for a non-superuser ("must be a member of the role ...")."""
+    for attempt in range(10):
+        try:
+            with cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}"' + (" WITH (FORCE)" if attempt % 2 else ""))
+            return True
+        except (psycopg2.errors.ObjectInUse, psycopg2.errors.InsufficientPrivilege, psycopg2.OperationalError,
+                psycopg2.InterfaceError) as exc:
+            if attempt == 9:
+                print(f"bench: cannot drop database {name}: {str(exc).strip()}", file=sys.stderr)
+                return False
+            time.sleep(1)
+    return False
+
+
 class Databases:
     """Creates bench_* databases with sql/schema.sql applied; drops them (unless keep)."""
 
@@ -286,20 +305,8 @@ class Databases:
         if self.keep or name not in self.created:
             return
         started = time.monotonic()
-        # Plain DROP first: it stops an autovacuum worker still busy in the database, which
-        # WITH (FORCE) refuses to do for a non-superuser ("must be a member of the role ...").
-        for attempt in range(10):
-            try:
-                with self.cursor() as cur:
-                    cur.execute(f'DROP DATABASE IF EXISTS "{name}"' + (" WITH (FORCE)" if attempt % 2 else ""))
-                break
-            except (psycopg2.errors.ObjectInUse, psycopg2.errors.InsufficientPrivilege, psycopg2.OperationalError,
-                    psycopg2.InterfaceError) as exc:
-                if attempt == 9:
-                    print(f"bench: cannot drop database {name}: {str(exc).strip()}", file=sys.stderr)
-                    return
-                time.sleep(1)
-        self.created.remove(name)
+        if drop_database(self.cursor, name):
+            self.created.remove(name)
         self.overhead += time.monotonic() - started
 
     def close(self) -> None:
