@@ -26,7 +26,7 @@ Variants:
   ingest    ingest.py: 1st load; 2nd run over unchanged files; 3rd run with every record already
             present (--force when ingest.py has it, else a plain re-run). Optionally --workers 2.
             Started as the image starts it: `python -m ingest`, the module compiled beforehand
-            (a script run, `python ingest.py`, also compiles the file: about 35-45 ms more).
+            (a script run, `python ingest.py`, also compiles the file: 45-70 ms more).
 
 Timing is wall-clock seconds of the loader process (start-up included); peak RSS is that process's
 ru_maxrss (os.wait4). Timings on a shared machine are noisy: one run per variant, no repetition.

@@ -7,11 +7,11 @@
 
 Each version (a git revision, or a path to an ingest.py) gets a directory of its own with its
 ingest.py and sql/, the module compiled as the image compiles it, and a database of its own
-(bench_startup_<name>), loaded once from --data-dir before the timing. Every run writes a
---summary-json, as in make bench. Then every round runs each
+(bench_startup_<name>), loaded once from --data-dir before the timing. Then every round runs each
 version once as a script (`python ingest.py`) and once as a module (`python -m ingest`, from the
-bytecode), in turn, so that the machine's drift reaches all of them alike. Prints the median,
-minimum and maximum wall milliseconds of each version and mode.
+bytecode), in turn, so that the machine's drift reaches all of them alike; every run writes a
+--summary-json, as in make bench. Prints the median, minimum and maximum wall milliseconds of each
+version and mode.
 """
 from __future__ import annotations
 
