@@ -172,12 +172,6 @@ def snapshot_loader(scratch: Path) -> None:
     py_compile.compile(str(INGEST), doraise=True)  # as the image does at build time
 
 
-def ingest_command(env: dict) -> list[str]:
-    """`python -m ingest` of the snapshot (its bytecode compiled): the image's entry point."""
-    env["PYTHONPATH"] = str(INGEST.parent)
-    return [sys.executable, "-m", "ingest"]
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
@@ -505,8 +499,9 @@ class Bench:
                 tag = self.tag(ds, variant)
                 summary_path = self.work / f"{tag}.summary.json"
                 summary_path.unlink(missing_ok=True)
-                env = self.child_env(db)
-                cmd = [*ingest_command(env), "--data-dir", str((root / "json").resolve()),
+                # `python -m ingest` from the snapshot's compiled bytecode: the image's entry point
+                env = {**self.child_env(db), "PYTHONPATH": str(INGEST.parent)}
+                cmd = [sys.executable, "-m", "ingest", "--data-dir", str((root / "json").resolve()),
                        "--reject-file", str(self.work / f"{tag}.rejects.jsonl"),
                        "--summary-json", str(summary_path), *extra]
                 p = run_timed(cmd, env, self.logs, tag, self.work)

@@ -26,8 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg2
-from bench import drop_database
+from bench import connect, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,15 +48,6 @@ def checkout(name: str, source: str, into: Path) -> Path:
     return home
 
 
-def admin(dbname: str = "postgres"):
-    conn = psycopg2.connect(host=os.environ.get("POSTGRES_HOST", "localhost"),
-                            port=os.environ.get("POSTGRES_PORT", "5432"),
-                            user=os.environ.get("POSTGRES_USER", "postgres"),
-                            password=os.environ.get("POSTGRES_PASSWORD", ""), dbname=dbname)
-    conn.autocommit = True
-    return conn
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, required=True)
@@ -66,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
     data_dir = args.data_dir.resolve()
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
-    conn = admin()
+    conn = connect()
     versions: dict[str, tuple[Path, dict]] = {}
     try:
         for spec in args.version:
@@ -76,7 +66,7 @@ def main() -> int:
             drop_database(conn.cursor, db)
             with conn.cursor() as cur:
                 cur.execute(f'CREATE DATABASE "{db}"')
-            schema = admin(db)
+            schema = connect(db)
             with schema.cursor() as cur:  # as make bench does: the schema applied beforehand
                 cur.execute((home / "sql" / "schema.sql").read_text(encoding="utf-8"))
             schema.close()
