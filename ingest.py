@@ -2492,6 +2492,7 @@ class _Stop:
         self._fd: int | None = None  # the socket of the connection being watched
         self._last = 0.0  # when the watched call last made progress
         self._busy: Callable[[], bool] | None = None  # asks the server whether it is working on the call
+        self._grace = STOP_GRACE_SECONDS  # how long the watched call may be silent once a stop was asked
         self._pipe = os.pipe()
         self._done = threading.Event()
         self._old: dict = {}
@@ -2525,12 +2526,14 @@ class _Stop:
 
     # --- used by the loader ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def watching(self, conn, busy: Callable[[], bool] | None = None) -> Iterator[None]:
-        """Database calls inside may be cut when they stall or a second signal comes. ``busy``
-        asks the server, over another connection, whether it is still working on the call (a long
-        statement is not a stall); it returns False when the server cannot be reached or waits for us."""
+    def watching(self, conn, busy: Callable[[], bool] | None = None,
+                 grace: float = STOP_GRACE_SECONDS) -> Iterator[None]:
+        """Database calls inside may be cut when they stall or a second signal comes, or when they
+        stay silent ``grace`` seconds after a first one. ``busy`` asks the server, over another
+        connection, whether it is still working on the call (a long statement is not a stall); it
+        returns False when the server cannot be reached or waits for us."""
         self.stalled = False
-        self._last, self._fd, self._busy = time.monotonic(), conn.fileno(), busy
+        self._last, self._fd, self._busy, self._grace = time.monotonic(), conn.fileno(), busy, grace
         try:
             yield
         finally:
@@ -2551,7 +2554,7 @@ class _Stop:
             if select.select([self._pipe[0]], [], [], 0.25)[0]:
                 for signum in os.read(self._pipe[0], 64):
                     self._signal(signum)
-            fd, limit = self._fd, STOP_GRACE_SECONDS if self.signum is not None else self.stall_timeout
+            fd, limit = self._fd, self._grace if self.signum is not None else self.stall_timeout
             if fd is not None and limit and time.monotonic() - self._last > limit:
                 if self.signum is None and self._busy is not None and self._busy():
                     self._last = time.monotonic()  # a long statement the server is working on: not a stall
@@ -2938,7 +2941,9 @@ class _Loader:
         if time.monotonic() - self.heartbeat_at >= HEARTBEAT_SECONDS and self.run_id is not None:
             self.heartbeat_at = time.monotonic()
             with contextlib.suppress(_psycopg2().Error, IngestError):
-                _heartbeat(self._connection(), self.run_id)
+                conn = self._connection()
+                with self.stop.watching(conn):
+                    _heartbeat(conn, self.run_id)
 
     def close(self) -> None:
         """End the connection: a last synchronous commit makes every earlier one durable."""
@@ -2947,15 +2952,16 @@ class _Loader:
             return
         psycopg2 = _psycopg2()
         try:
-            if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                with self.conn.cursor() as cur:
-                    # Files commit without waiting for their WAL flush (a crash can undo the last
-                    # fraction of a second of commits: whole files with their manifest rows, loaded
-                    # again next run); this synchronous commit flushes all of them.
-                    cur.execute("SET LOCAL synchronous_commit = on; SELECT txid_current()")
-                self.conn.commit()
-            else:
-                self.conn.rollback()
+            with self.stop.watching(self.conn, grace=1.0):
+                if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                    with self.conn.cursor() as cur:
+                        # Files commit without waiting for their WAL flush (a crash can undo the
+                        # last fraction of a second of commits: whole files with their manifest
+                        # rows, loaded again next run); this synchronous commit flushes all of them.
+                        cur.execute("SET LOCAL synchronous_commit = on; SELECT txid_current()")
+                    self.conn.commit()
+                else:
+                    self.conn.rollback()
         except psycopg2.Error as exc:
             log.warning("could not flush the last commits to disk: %s", _pg_message(exc))
         finally:
@@ -3022,8 +3028,10 @@ def _heartbeat(conn, run_id: int) -> None:
     conn.commit()
 
 
-def _finish_run(cfg: Config, conn, summary: Summary) -> None:
-    """Record the run's outcome; reconnect once if the connection was lost meanwhile."""
+def _finish_run(cfg: Config, conn, summary: Summary, stop: _Stop) -> None:
+    """Record the run's outcome; reconnect once if the connection was lost meanwhile. Watched like
+    any database call: a server that froze (a backend stopped while it held WAL, say, so that no
+    commit can complete) cannot hold the loader; after a stop request it gets a second."""
     psycopg2 = _psycopg2()
     data = summary.fields()
     counts = {k: data[k] for k in ("files_seen", "files_loaded", *_COUNT_FIELDS)}
@@ -3034,19 +3042,20 @@ def _finish_run(cfg: Config, conn, summary: Summary) -> None:
         try:
             if attempt == 2 or conn.closed:
                 conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
-            with conn.cursor() as cur:
+            with stop.watching(conn, grace=1.0), conn.cursor() as cur:
                 cur.execute(f"UPDATE ingest_runs SET finished_at = now(), status = %(status)s, "
                             f"error = %(error)s, {sets} WHERE run_id = %(run_id)s",
                             {**counts, "status": summary.status, "error": summary.error, "run_id": summary.run_id})
                 cur.execute("DELETE FROM ingest_run_keys WHERE run_id = %s", (summary.run_id,))
-            conn.commit()
+                conn.commit()
             return
         except (psycopg2.Error, IngestError) as exc:
-            if attempt == 2:
-                log.warning("could not record the end of run %s in ingest_runs: %s", summary.run_id, exc)
+            if attempt == 2 or stop.aborted or stop.stalled:  # the last try, or cut: no second one
+                log.warning("could not record the end of run %s in ingest_runs: %s", summary.run_id,
+                            _pg_message(exc) if isinstance(exc, psycopg2.Error) else exc)
+                return
         finally:
-            if attempt == 2 or not conn.closed:
-                conn.close()
+            conn.close()
 
 
 def _report(summary: Summary, result: FileResult, progress: _Progress | None) -> None:
@@ -3160,7 +3169,7 @@ def _load_parallel(cfg: Config, run_id: int, files: list[DataFile], summary: Sum
                 running -= 1
             if time.monotonic() - beat >= HEARTBEAT_SECONDS:
                 beat = time.monotonic()
-                with contextlib.suppress(_psycopg2().Error):
+                with contextlib.suppress(_psycopg2().Error), stop.watching(conn):
                     _heartbeat(conn, run_id)
     finally:
         stop.forward = None
@@ -3245,7 +3254,7 @@ def _run(cfg: Config, summary: Summary, stop: _Stop) -> None:
         summary.results.sort(key=lambda r: r.file)
         if conn is not None:
             if summary.run_id is not None:
-                _finish_run(cfg, conn, summary)
+                _finish_run(cfg, conn, summary, stop)
             elif not conn.closed:
                 conn.close()
 

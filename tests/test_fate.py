@@ -385,19 +385,26 @@ def _big_file(run, rows: int = 400_000) -> None:
                      for i in range(rows))
 
 
-def _loader_backends(db, query_like: str = "COPY%") -> list[int]:
+def _loader_backends(db, query_like: str = "COPY%", running_for: float = 0.0) -> list[int]:
+    """The loader's backends whose (last) statement is like ``query_like``; with ``running_for``,
+    only those still running it after that many seconds."""
+    busy = " AND state = 'active' AND query_start <= clock_timestamp() - make_interval(secs => %s)"
     return [pid for (pid,) in db.query("SELECT pid FROM pg_stat_activity WHERE application_name = 'fitbit-ingest' "
-                                       "AND datname = current_database() AND query LIKE %s", (query_like,))]
+                                       "AND datname = current_database() AND query LIKE %s" + (busy if running_for else ""),
+                                       (query_like, running_for) if running_for else (query_like,))]
 
 
-def _start_and_freeze(run, db, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, list[int]]:
+def _start_and_freeze(run, db, *args: str, env: dict | None = None,
+                      running_for: float = 0.0) -> tuple[subprocess.Popen, list[int]]:
+    """Start the loader; freeze (SIGSTOP) the server backends of its COPY (``running_for``: those in
+    a COPY that has run that long, i.e. a large file's, not a one-record file's loading beside it)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "ingest.py"), "--data-dir", str(run.data),
                              "--reject-file", str(run.rejects), "--summary-json", str(run.summary_path), *args],
                             env={**os.environ, **db.env(), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        pids = _loader_backends(db)
+        pids = _loader_backends(db, running_for=running_for)
         if pids:
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
@@ -417,7 +424,8 @@ def _thaw(pids: list[int]) -> None:
 def test_sigterm_while_the_server_is_frozen_ends_the_loader_within_10_seconds(run, db, workers):
     _big_file(run)
     run.write("small.json", [rec(ts="2030-01-01T00:00:00Z")])
-    proc, pids = _start_and_freeze(run, db, "--workers", workers)
+    # With two workers, small.json loads beside big.jsonl: the COPY frozen must be big.jsonl's.
+    proc, pids = _start_and_freeze(run, db, "--workers", workers, running_for=0.5)
     try:
         time.sleep(0.5)  # the server is frozen with the COPY in flight
         asked = time.monotonic()
