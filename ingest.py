@@ -90,6 +90,7 @@ RETRY_ATTEMPTS, RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 8, 0.5, 8.0
 HEARTBEAT_SECONDS = 30  # a running run touches its ingest_runs row at most this often, between files
 STALE_RUN_MINUTES = 15  # a 'running' run silent for this long is marked 'interrupted' by the next run
 STOP_GRACE_SECONDS = 5.0  # after a first signal, a database call silent this long is cancelled
+END_GRACE_SECONDS = 1.0  # the same for the calls that end a run (its record, the last commit)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 EXIT_OK, EXIT_REJECTS, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
@@ -1068,7 +1069,12 @@ def _may_hold_data(rel: str, source_format: str) -> bool:
         return True
     if source_format == "flat":
         return False
-    return lower.endswith(".csv") or any(part in _EXPORT_DIRS for part in lower.split("/")[:-1])
+    return lower.endswith(".csv") or _in_export(lower)
+
+
+def _in_export(rel: str) -> bool:
+    """Does the file lie in a folder named like a Fitbit export's (any case)?"""
+    return "/" in rel and any(part in _EXPORT_DIRS for part in rel.lower().split("/")[:-1])
 
 
 def _kind_of(path: Path, rel: str, source_format: str) -> tuple[str | None, bool]:
@@ -1084,7 +1090,7 @@ def _kind_of(path: Path, rel: str, source_format: str) -> tuple[str | None, bool
         fitbit = fitbit_kind(rel, _head(path))
     if fitbit is not None and source_format in ("auto", fitbit_format(fitbit)):
         return fitbit, False
-    in_export = "/" in rel and any(part in _EXPORT_DIRS for part in rel.lower().split("/")[:-1])
+    in_export = _in_export(rel)
     if source_format != "auto" or in_export:
         # A data file of the flat format stays one, wherever it lies.
         if flat is not None and source_format == "auto" and b'"user_id"' in _head(path):
@@ -2952,7 +2958,7 @@ class _Loader:
             return
         psycopg2 = _psycopg2()
         try:
-            with self.stop.watching(self.conn, grace=1.0):
+            with self.stop.watching(self.conn, grace=END_GRACE_SECONDS):
                 if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                     with self.conn.cursor() as cur:
                         # Files commit without waiting for their WAL flush (a crash can undo the
@@ -3031,7 +3037,7 @@ def _heartbeat(conn, run_id: int) -> None:
 def _finish_run(cfg: Config, conn, summary: Summary, stop: _Stop) -> None:
     """Record the run's outcome; reconnect once if the connection was lost meanwhile. Watched like
     any database call: a server that froze (a backend stopped while it held WAL, say, so that no
-    commit can complete) cannot hold the loader; after a stop request it gets a second."""
+    commit can complete) cannot hold the loader; after a stop request it gets END_GRACE_SECONDS."""
     psycopg2 = _psycopg2()
     data = summary.fields()
     counts = {k: data[k] for k in ("files_seen", "files_loaded", *_COUNT_FIELDS)}
@@ -3042,7 +3048,7 @@ def _finish_run(cfg: Config, conn, summary: Summary, stop: _Stop) -> None:
         try:
             if attempt == 2 or conn.closed:
                 conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
-            with stop.watching(conn, grace=1.0), conn.cursor() as cur:
+            with stop.watching(conn, grace=END_GRACE_SECONDS), conn.cursor() as cur:
                 cur.execute(f"UPDATE ingest_runs SET finished_at = now(), status = %(status)s, "
                             f"error = %(error)s, {sets} WHERE run_id = %(run_id)s",
                             {**counts, "status": summary.status, "error": summary.error, "run_id": summary.run_id})
