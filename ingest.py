@@ -446,27 +446,15 @@ class _LineMaker:
         validate_record(_plain(obj), self.tz)  # raises the reason for the reject
         raise AssertionError(f"validate_record accepted what its own checks refused: {obj!r}")
 
-    def repeats(self, records: list) -> tuple[list[Key], list[str]] | None:
-        """Key and value parts of every record of a decoded window, in bulk (no call per record),
-        when each field is one already accepted: the user, the timestamp and the number found in
-        the caches above, one metric, every value within its bounds. None otherwise (the records
-        then go one by one). Used for windows whose every key was sent before (Task-0's shape)."""
-        if type(records[0]) is not _typed().Record:
-            return None
-        metrics = set(map(_METRIC_OF, records))
-        bounds = METRIC_BOUNDS.get(metrics.pop()) if len(metrics) == 1 else None
-        if bounds is None:
-            return None
-        values = list(map(_VALUE_OF, records))
-        if not (bounds[0] <= min(values) and max(values) <= bounds[1]):
+    def tails(self, metric: str, values: list) -> list[str] | None:
+        """The value parts of a decoded window's numbers, in bulk (no call per record), when the
+        window's one metric is known, every number is within its bounds and each was accepted
+        before (found in the cache above). None otherwise (the records then go one by one)."""
+        bounds = METRIC_BOUNDS.get(metric)
+        if bounds is None or not (bounds[0] <= min(values) and max(values) <= bounds[1]):
             return None
         tails = list(map(self.values.get, values))  # a zero is never cached: it goes one by one
-        users = list(map(self.users.get, map(_USER_OF, records)))
-        stamps = list(map(self.stamps.get, map(_TIMESTAMP_OF, records)))
-        if None in tails or None in users or None in stamps:
-            return None
-        metric = records[0].metric
-        return list(zip(users, itertools.repeat(metric), map(_FIRST, stamps))), tails
+        return None if None in tails else tails
 
     def _user(self, user: str) -> str | None:
         try:
@@ -511,7 +499,7 @@ class _LineMaker:
 
 
 _USER_OF, _METRIC_OF, _TIMESTAMP_OF = (operator.attrgetter(name) for name in ("user_id", "metric", "timestamp"))
-_FIRST = operator.itemgetter(0)
+_NO_TIMES: dict[str, str] = {}  # what a (user_id, metric) with no remembered repeats finds (never written)
 _CANONICAL_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(Z|\+00:00)?", re.ASCII)
 _EPOCH, _SECOND = dt.datetime(1970, 1, 1), dt.timedelta(seconds=1)
 
@@ -1956,7 +1944,8 @@ class _FileRows:
 
     ``part()`` yields the lines of the next part: each key once (the first; the database still
     settles repeats beyond DEDUPE_MAX_KEYS remembered keys), rejects spooled with their reasons.
-    A decoded window of records that all repeat keys already sent is counted in bulk.
+    A decoded window of records that all repeat keys already sent is counted in bulk: each record
+    found by its user_id and timestamp as written among the repeats met before (``firsts``).
     A part ends at the end of the file, or before a row that would make it touch more than
     PART_CHUNKS chunks. Records up to ``resume_after`` were committed by an earlier run: they are
     read again (for the digest and the memory of keys) but not sent or counted.
@@ -1973,6 +1962,10 @@ class _FileRows:
         self.done = resume_after  # the last record handled in a part (committed when the part is)
         self.finished = False
         self.seen: dict[Key, str] = {}  # key of a line -> its value part, first occurrence
+        # (user_id, metric) as written -> timestamp as written -> the value part of the first
+        # occurrence of that key: filled by repeats met one by one, read by windows settled in bulk
+        self.firsts: dict[tuple[str, str], dict[str, str]] = {}
+        self.firsts_size = 0  # entries in all of them (bounded like seen)
         self._pending: tuple[int, list] | None = None  # the batch (its rest) opening the next part
         self.extra_keys = self.conflicting = 0
         self.extra_example: str | None = None
@@ -1984,6 +1977,7 @@ class _FileRows:
         if self._pending is not None:  # the records that opened this part, when the last one ended
             batches, self._pending = itertools.chain((self._pending,), batches), None
         seen, resume_after, make_line, chunk_seconds = self.seen, self.resume_after, self.make_line, self.chunk_seconds
+        record_type = _typed().Record
         read = rejected = duplicate = conflicting = 0  # locals in the hot loop, added up at the end
         done = self.done
         try:
@@ -2026,6 +2020,8 @@ class _FileRows:
                             conflicting += 1
                             if self.conflict_example is None:
                                 self._note_conflict(key, first, tail)
+                        if type(obj) is record_type:
+                            self._remember(obj, first)
             self.finished = True
         finally:
             counts = self.counts
@@ -2037,26 +2033,55 @@ class _FileRows:
 
     def _repeats_of_sent(self, records: list) -> int | None:
         """A decoded window whose every record repeats a key already sent, settled in bulk: the
-        same checks (make_line.repeats) and the same outcome as one by one. Returns how many
+        same checks and the same outcome as one by one, with no call per record. Returns how many
         records repeat their key with a different value, or None when the window must go one by
-        one. The first and the last key are probed first, so a window of new keys costs two calls."""
-        seen, make_line = self.seen, self.make_line
+        one. The first and the last key are probed first, so a window of new keys costs two calls.
+
+        A record is a repeat here when its (user_id, metric, timestamp) as written is one that an
+        earlier repeat was met with (``_remember``): it was accepted then, and the key it stands for
+        is in ``seen``. Task-0's second copy of its keys goes one by one and is remembered; the
+        third and later copies are settled here."""
+        make_line = self.make_line
         try:
-            if make_line(records[0])[0] not in seen or make_line(records[-1])[0] not in seen:
+            if make_line(records[0])[0] not in self.seen or make_line(records[-1])[0] not in self.seen:
                 return None
         except ValidationError:
             return None
-        bulk = make_line.repeats(records)
-        if bulk is None:
+        metrics = set(map(_METRIC_OF, records))
+        if len(metrics) != 1:
             return None
-        keys, tails = bulk
-        firsts = list(map(seen.get, keys))
+        metric = metrics.pop()
+        tails = make_line.tails(metric, list(map(_VALUE_OF, records)))
+        if tails is None:
+            return None
+        users, stamps = list(map(_USER_OF, records)), map(_TIMESTAMP_OF, records)
+        if users.count(users[0]) == len(users):  # one user: one table
+            firsts_of = self.firsts.get((users[0], metric))
+            if firsts_of is None:
+                return None
+            firsts = list(map(firsts_of.get, stamps))
+        else:
+            tables = map(self.firsts.get, zip(users, itertools.repeat(metric)), itertools.repeat(_NO_TIMES))
+            firsts = list(map(dict.get, tables, stamps))
         if None in firsts:
             return None
         differ = sum(map(operator.ne, firsts, tails))
         if differ and self.conflict_example is None:
-            self._note_conflict(*next(c for c in zip(keys, firsts, tails) if c[1] != c[2]))
+            at = next(i for i, (first, tail) in enumerate(zip(firsts, tails)) if first != tail)
+            self._note_conflict(make_line(records[at])[0], firsts[at], tails[at])
         return differ
+
+    def _remember(self, record: object, first: str) -> None:
+        """A repeat met one by one: its user_id, metric and timestamp as written, for the windows
+        settled in bulk (``_repeats_of_sent``). Bounded: at most DEDUPE_MAX_KEYS entries a file."""
+        if self.firsts_size < DEDUPE_MAX_KEYS:
+            stream = (record.user_id, record.metric)
+            firsts_of = self.firsts.get(stream)
+            if firsts_of is None:
+                firsts_of = self.firsts[stream] = {}
+            if record.timestamp not in firsts_of:
+                firsts_of[record.timestamp] = first
+                self.firsts_size += 1
 
     def _note_conflict(self, key: Key, first: str, tail: str) -> None:
         self.conflict_example = f"{' '.join(key)}: {first.strip()} then {tail.strip()}"

@@ -52,8 +52,10 @@ STAGES = {
              "RecordStream._array_items RecordStream._lines _decode_line _BatchText.item _fast_is_exact "
              "_careful_float _careful_int _careful_object _deep_nesting_at DataFile.records",
     "validate": "_LineMaker.__call__ _LineMaker._user _LineMaker._stamp _LineMaker._tail _LineMaker.repeats "
+                "_LineMaker.tails "
                 "validate_record _check_user_id _check_metric _check_timestamp _check_value _localize",
-    "dedupe": "_valid_lines _FileRows.part _FileRows._repeats_of_sent _FileRows._note_conflict _FileStats.repeat",
+    "dedupe": "_valid_lines _FileRows.part _FileRows._repeats_of_sent _FileRows._note_conflict _FileStats.repeat "
+              "_FileRows._remember",
     "send": "_CopySource._produce _CopySource._next_batch _CopySource.read _CopySource.copy "
             "_CopySource.copy_into insert_records _insert_lines _Loader._insert",
 }
