@@ -23,6 +23,7 @@ import contextlib
 import csv
 import datetime as dt
 import functools
+import gc
 import gzip
 import hashlib
 import io
@@ -41,6 +42,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -76,6 +78,9 @@ MAX_NESTING = 1000  # deeper JSON is refused (Python's decoder would run out of 
 DEDUPE_MAX_KEYS = 200_000  # keys remembered per file to drop in-file repeats before COPY (~45 MB)
 REJECT_RECORD_CHARS = 1000  # a rejected record is quoted up to this many characters
 READ_CHUNK_CHARS = 1 << 20  # characters read from a file at a time
+# When this much of a JSON array is left to read as its repeats start being settled in bulk, the
+# far half of what is left is settled by a helper process on the second core (see _FarHalf).
+FAR_HALF_MIN_BYTES = 64 << 20
 # A transaction that writes into many chunks holds a lock on each chunk and its index; under
 # PostgreSQL's defaults (64 locks per transaction x 100 connections, shared) a file spanning
 # thousands of days would run out of shared memory. Such a file commits every PART_CHUNKS chunks.
@@ -555,6 +560,8 @@ class RecordStream:
     def __init__(self, df: DataFile, digest: Digest | None) -> None:
         self.df, self.digest = df, digest
         self._batch, self._first = _BatchText(""), 0  # the text the last values came from
+        self._reader: _HashingReader | None = None  # under the text, while a file that may be split is read
+        self._far: _FarHalf | None = None  # the helper settling the far half, until its result is taken
 
     def raw(self, position: int) -> str:
         if self._batch is None:  # a record a Fitbit reader made: its mapped form is its text
@@ -575,6 +582,8 @@ class RecordStream:
                 if df.kind == "jsonl":
                     yield from self._lines(text)
                 elif df.kind == "json":
+                    if type(getattr(text.buffer, "raw", None)) is _HashingReader and text.encoding.startswith("utf-8"):
+                        self._reader = text.buffer.raw  # plain bytes on disk: the far half may be split off
                     yield from self._document(_Buffer(text))
                 else:
                     yield from self._fitbit(text)
@@ -586,6 +595,34 @@ class RecordStream:
             raise FileFormatError(_describe_read_error(exc, df.gzipped)) from None
         except OSError as exc:
             raise FileReadError(_describe_read_error(exc, df.gzipped)) from None
+        finally:
+            self._reader = None
+            if self._far is not None:
+                self._far.kill()
+
+    def settle_far_half(self, settle: Callable[[list], int | None], example: Callable[[], str | None]) -> None:
+        """Called once a window of this file was settled in bulk: if what is left of it is large,
+        a helper process settles the windows of its far half the same way (``settle``; ``example``
+        is the first conflict it noted) while this one reads on up to where that half begins."""
+        reader, self._reader = self._reader, None  # one helper per file at most
+        if reader is not None and reader.size - reader.done >= FAR_HALF_MIN_BYTES and hasattr(os, "fork"):
+            self._far = _FarHalf.fork(reader, settle, example)
+
+    def _far_half_settled(self, buf: _Buffer) -> _Settled | None:
+        """At the end of the near half: the helper's result, with the bytes it settled hashed and
+        skipped and reading going on after them; None if it failed (reading goes on where the far
+        half begins, as if there had been no helper)."""
+        far, self._far = self._far, None
+        if far.reader.done != far.start:  # the file shrank while it was read
+            far.kill()
+            raise FileFormatError("file ends inside the JSON array (truncated?)")
+        try:
+            settled = far.join()
+        finally:
+            far.kill()  # (if the wait was cut short)
+        buf.consumed += far.reader.skip_to(far.start if settled is None else settled.end)
+        buf.eof = False
+        return settled
 
     # --- JSON: an array of records, or record objects one after another -----------------------
     def _document(self, buf: _Buffer) -> Iterator[tuple[int, list]]:
@@ -623,7 +660,13 @@ class RecordStream:
                 position += len(items)
                 continue
             if buf.skip_ws() == "":
-                raise FileFormatError("file ends inside the JSON array (truncated?)")
+                if self._far is None:
+                    raise FileFormatError("file ends inside the JSON array (truncated?)")
+                settled = self._far_half_settled(buf)  # the near half ends here: the far one was settled
+                if settled is not None and settled.count:
+                    yield position + 1, settled
+                    position += settled.count
+                continue
             position += 1
             value, text = buf.decode_one()
             self._one(position, text)
@@ -729,24 +772,199 @@ class Digest:
 
 
 class _HashingReader(io.RawIOBase):
+    """The file's bytes, hashed as they are read. With ``limit`` set, reading ends there, for now:
+    ``skip_to`` then hashes the bytes up to a later offset without handing them on, and reading
+    goes on from there (the far half of a file, settled by a helper: see _FarHalf)."""
+
     def __init__(self, raw, digest: Digest) -> None:
         self._raw, self._digest = raw, digest
+        self.fd = raw.fileno()
+        self.size = os.fstat(self.fd).st_size  # when opened
+        self.limit: int | None = None
+
+    @property
+    def done(self) -> int:
+        """Bytes read (or skipped) so far: the offset reading goes on from."""
+        return self._digest.size
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self.limit is not None:
+            buffer = memoryview(buffer)[: max(0, self.limit - self._digest.size)]
         count = self._raw.readinto(buffer)
         if count:
-            self._digest.sha256.update(memoryview(buffer)[:count])
-            self._digest.size += count
-            if self._digest.progress is not None:
-                self._digest.progress(count)
+            self._hash(memoryview(buffer)[:count])
         return count
+
+    def skip_to(self, end: int) -> int:
+        """Hash the bytes up to ``end`` without handing them on, and read on from there. Returns the
+        characters they hold (in UTF-8: the bytes that do not continue a character)."""
+        chars = 0
+        while self._digest.size < end:
+            chunk = os.pread(self.fd, min(READ_CHUNK_CHARS, end - self._digest.size), self._digest.size)
+            if not chunk:
+                raise FileFormatError("file ends inside the JSON array (truncated?)")
+            self._hash(chunk)
+            chars += len(chunk) if chunk.isascii() else len(chunk) - len(chunk.translate(None, _NOT_CONTINUING))
+        self._raw.seek(end)
+        self.limit = None
+        return chars
+
+    def _hash(self, data) -> None:
+        self._digest.sha256.update(data)
+        self._digest.size += len(data)
+        if self._digest.progress is not None:
+            self._digest.progress(len(data))
 
     def close(self) -> None:
         self._raw.close()
         super().close()
+
+
+# Deleting these bytes leaves UTF-8's continuation bytes, 0x80-0xBF (to count characters).
+_NOT_CONTINUING = bytes(b for b in range(256) if not 0x80 <= b < 0xC0)
+
+
+class _Settled(NamedTuple):
+    """What a helper settled of a file's far half: ``count`` records, each repeating a key already
+    sent, ``conflicting`` of them with another value (``example``: the first such, if it noted one),
+    and the byte offset reading goes on from (``end``)."""
+
+    count: int
+    conflicting: int
+    example: str | None
+    end: int
+
+
+class _FarHalf:
+    """The far half of a large JSON array, settled by a helper process on the second core.
+
+    Task-0's shape, a day of readings written out again and again with other values, is mostly
+    windows whose every record repeats a key already sent, and one thread settles those at about
+    100 MB/s. Once such a window was settled and much of the file is left, that rest is cut in two
+    at a record boundary: this process reads on up to it (its reader's ``limit``) while a forked
+    helper decodes the windows after it, with the same fast decoder and exactness check, and
+    settles them with the same function, on its copy of the file's state at the fork (keys and
+    first values are only ever added, so what it finds there this process would find too). It
+    stops at the first window it cannot settle (a new key, a reject, anything unusual) or at the
+    array's last record, and reports where, with how many records it settled and how many of them
+    conflicted. This process then hashes the bytes it skipped, counts their records and reads on
+    from where the helper stopped. If the helper fails in any way, this process reads the far half
+    itself: the helper can only save time.
+    """
+
+    def __init__(self, reader: _HashingReader, start: int, pid: int, pipe: int) -> None:
+        self.reader, self.start, self._pid = reader, start, pid
+        self._pipe: int | None = pipe
+
+    @classmethod
+    def fork(cls, reader: _HashingReader, settle: Callable[[list], int | None],
+             example: Callable[[], str | None]) -> _FarHalf | None:
+        start = _record_start(reader.fd, reader.done + (reader.size - reader.done) * 9 // 20)
+        if start is None:
+            return None
+        pipe = os.pipe()
+        stops = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the helper has its own handlers
+        try:
+            with warnings.catch_warnings():  # 3.12+: a fork with threads running is deprecated;
+                warnings.simplefilter("ignore", DeprecationWarning)  # the helper uses no lock (below)
+                pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            for fd in pipe:
+                os.close(fd)
+            return None
+        if pid == 0:  # the helper: no logging, no I/O but its own reads and the pipe, no exit handlers
+            status = 1
+            try:
+                os.close(pipe[0])
+                signal.set_wakeup_fd(-1)  # a signal here must not reach the loader's watchdog
+                for sig in stops:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+                gc.disable()
+                end, count, conflicting = _settle_far_half(reader.fd, start, reader.size, settle)
+                report = json.dumps([end, count, conflicting, example()]).encode()
+                while report:
+                    report = report[os.write(pipe[1], report) :]
+                status = 0
+            finally:
+                os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        os.close(pipe[1])
+        reader.limit = start
+        return cls(reader, start, pid, pipe[0])
+
+    def join(self) -> _Settled | None:
+        """Wait for the helper's report; None if it failed."""
+        report = []
+        try:
+            while chunk := os.read(self._pipe, 1 << 16):
+                report.append(chunk)
+        finally:
+            os.close(self._pipe)
+            self._pipe = None
+        status, self._pid = os.waitpid(self._pid, 0)[1], 0
+        try:
+            end, count, conflicting, example = json.loads(b"".join(report))
+        except ValueError:
+            return None
+        if status != 0 or not self.start <= end <= self.reader.size:
+            return None
+        log.debug("%d records of the far half settled by a helper process", count)
+        return _Settled(count, conflicting, example, end)
+
+    def kill(self) -> None:
+        """End the helper if it is still there (a file given up, a stop) and reap it."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        if self._pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            os.waitpid(self._pid, 0)
+            self._pid = 0
+
+
+def _record_start(fd: int, offset: int) -> int | None:
+    """The offset of the first array item after ``offset`` that begins a window the fast decoder
+    reads exactly (so that it is an item of the array, not text inside a string), or None."""
+    data = os.pread(fd, READ_CHUNK_CHARS, offset)
+    comma = data.find(b"},")
+    begin = len(data) - len(data[comma + 2 :].lstrip(b" \t\r\n")) if comma >= 0 else -1
+    cut = data.rfind(b"},")
+    if begin < 0 or data[begin : begin + 1] != b"{" or cut - begin < 4096:
+        return None
+    typed = _typed()
+    try:
+        items = typed.decode_list(b"[" + data[begin : cut + 1] + b"]")
+    except typed.errors:
+        return None
+    return offset + begin if _fast_is_exact(data[begin : cut + 1], items) else None
+
+
+def _settle_far_half(fd: int, start: int, size: int, settle: Callable[[list], int | None]) -> tuple[int, int, int]:
+    """In the helper: windows from ``start`` read and decoded as the loader's _Buffer.decode_batch
+    does (cut after their last "},", the fast decoder, the exactness check) and settled, until
+    one cannot be. Returns where that one begins, and the records settled and conflicting."""
+    typed, end, count, conflicting = _typed(), start, 0, 0
+    while end < size:
+        data = os.pread(fd, READ_CHUNK_CHARS, end)
+        cut = data.rfind(b"},")
+        if cut < 4096:  # the array's last record, or too few to be worth a window
+            break
+        try:
+            items = typed.decode_list(b"[" + data[: cut + 1] + b"]")
+        except typed.errors:
+            break
+        differ = settle(items) if _fast_is_exact(data[: cut + 1], items) else None
+        if differ is None:
+            break
+        end, count, conflicting = end + cut + 2, count + len(items), conflicting + differ
+    return end, count, conflicting
 
 
 def _file_sha256(path: Path) -> str:
@@ -850,7 +1068,7 @@ _VALUE_OF = operator.attrgetter("value")
 _PLAIN_NUMBER = 1e15  # beyond every metric's bounds: such values are read carefully, for the reason
 
 
-def _fast_is_exact(text: str, items: Sequence) -> bool:
+def _fast_is_exact(text: str | bytes, items: Sequence) -> bool:
     """Did the fast decoder see all there was? Like any JSON decoder it keeps the last of a key
     named twice and reads 1e-400 as 0; the careful decoder makes both a reject.
 
@@ -860,7 +1078,7 @@ def _fast_is_exact(text: str, items: Sequence) -> bool:
     (the only thing an underflowing number can become; a zero written "0.0" is merely read again
     carefully), nor so large that its reason needs the digits as written.
     """
-    if text.count('"') != 14 * len(items):
+    if text.count('"' if type(text) is str else b'"') != 14 * len(items):
         return False
     values = list(map(_VALUE_OF, items))
     if values and not (-_PLAIN_NUMBER < min(values) and max(values) < _PLAIN_NUMBER):
@@ -1952,8 +2170,10 @@ class _FileRows:
     """
 
     def __init__(self, df: DataFile, make_line: _LineMaker, rejects: _Rejects, chunk_seconds: int,
-                 resume_after: int = 0, progress: Callable[[int], object] | None = None) -> None:
+                 resume_after: int = 0, progress: Callable[[int], object] | None = None,
+                 helper: bool = False) -> None:
         self.df, self.make_line, self.rejects = df, make_line, rejects
+        self.helper = helper  # may a helper process settle the far half (_FarHalf)?
         self.chunk_seconds, self.resume_after = chunk_seconds, resume_after
         self.digest = Digest(progress)
         self.stream = df.records(self.digest)
@@ -1982,11 +2202,20 @@ class _FileRows:
         done = self.done
         try:
             for first_position, records in batches:
+                if type(records) is _Settled:  # the far half's records, settled by the helper
+                    read, duplicate = read + records.count, duplicate + records.count
+                    conflicting, done = conflicting + records.conflicting, first_position + records.count - 1
+                    if self.conflict_example is None:
+                        self.conflict_example = records.example
+                    continue
                 if len(records) > 1 and first_position > resume_after:
                     differ = self._repeats_of_sent(records)
                     if differ is not None:  # settled in bulk: every record repeats a key already sent
                         read, duplicate = read + len(records), duplicate + len(records)
                         conflicting, done = conflicting + differ, first_position + len(records) - 1
+                        if self.helper:
+                            self.helper = False
+                            self.stream.settle_far_half(self._repeats_of_sent, lambda: self.conflict_example)
                         continue
                 for position, obj in enumerate(records, first_position):
                     try:
@@ -2742,8 +2971,9 @@ class _Loader:
     """Loads files one at a time over its own connection; one per process."""
 
     def __init__(self, cfg: Config, run_id: int | None, stop: _Stop, chunk_seconds: int,
-                 known: dict | None = None, progress: _Progress | None = None) -> None:
+                 known: dict | None = None, progress: _Progress | None = None, helper: bool = False) -> None:
         self.cfg, self.run_id, self.stop, self.chunk_seconds = cfg, run_id, stop, chunk_seconds
+        self.helper = helper  # the only loader of the run: a large file's far half may go to a helper
         self.known = known or {}  # manifest at the start of the run: path -> (size, mtime_ns, status, error)
         self.progress = progress
         self.rejects = _Rejects(cfg.reject_file, run_id)
@@ -2760,7 +2990,7 @@ class _Loader:
         if isinstance(claim, FileResult):
             return claim  # unchanged, unchanged and bad, or another loader's
         rows = _FileRows(df, self.make_line, self.rejects, self.chunk_seconds, claim.resume_after,
-                         self.progress.reading(df) if self.progress else None)
+                         self.progress.reading(df) if self.progress else None, self.helper)
         total, here = claim.counts, Counts()  # the file's counts (earlier runs' parts too), this run's
         try:
             while True:
@@ -3137,7 +3367,7 @@ def _load_each(loader: _Loader, files: Iterable[DataFile], stop: _Stop) -> Itera
 
 def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: Summary, stop: _Stop,
                      progress: _Progress | None, known: dict, chunk_seconds: int) -> None:
-    loader = _Loader(cfg, run_id, stop, chunk_seconds, known, progress)
+    loader = _Loader(cfg, run_id, stop, chunk_seconds, known, progress, helper=True)
     try:
         for result in _load_each(loader, files, stop):
             _report(summary, result, progress)
@@ -3224,7 +3454,8 @@ def _check_files(cfg: Config, files: list[DataFile], summary: Summary, stop: _St
             if df.error or df.kind == "ignored":
                 result = FileResult(df.rel, "failed" if df.error else "ignored", error=df.error)
             else:
-                rows = _FileRows(df, make_line, rejects, 86_400, 0, progress.reading(df) if progress else None)
+                rows = _FileRows(df, make_line, rejects, 86_400, 0, progress.reading(df) if progress else None,
+                                 helper=True)
                 try:
                     while not rows.finished:
                         for count, _ in enumerate(rows.part()):

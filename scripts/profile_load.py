@@ -21,7 +21,9 @@ The server's share is the CPU time PostgreSQL's processes used during the run (r
 the postmaster's own and its reaped children's, plus its live children's), so it is measured,
 not sampled. py-spy is installed once into <scratch>/venv-profile (benchmark-only, pinned).
 Prints a Markdown table, a row per loading thread (main: COPY; copy-producer: everything from
-the bytes to the COPY lines): seconds of wall time in each stage.
+the bytes to the COPY lines; the helper process that settles the far half of a large file, if
+one was forked): seconds of wall time in each stage ("waiting" in the copy-producer includes
+waiting for the helper's report).
 """
 from __future__ import annotations
 
@@ -46,10 +48,11 @@ RATE = 250
 # Innermost ingest.py function -> stage, by exact name (this version's and 1f556d7's).
 STAGES = {
     "read": "_HashingReader.readinto _Buffer.fill _open_text Digest.hexdigest _file_sha256 RecordStream.__iter__ "
-            "RecordStream.batches",
+            "RecordStream.batches _HashingReader.skip_to _HashingReader._hash RecordStream._far_half_settled",
     "parse": "_Buffer.decode_batch _Buffer.decode_one _Buffer.skip_ws _Buffer.array_ends _Buffer.decode "
              "_decode_batch _iter_json_document _iter_array_items _iter_json_lines RecordStream._document "
              "RecordStream._array_items RecordStream._lines _decode_line _BatchText.item _fast_is_exact "
+             "_settle_far_half _record_start "
              "_careful_float _careful_int _careful_object _deep_nesting_at DataFile.records",
     "validate": "_LineMaker.__call__ _LineMaker._user _LineMaker._stamp _LineMaker._tail _LineMaker.repeats "
                 "_LineMaker.tails "
@@ -89,6 +92,8 @@ def server_cpu_seconds() -> float:
 
 
 def stage_of(stack: list[str]) -> str:
+    if stack and stack[-1].startswith("_FarHalf.join "):
+        return "waiting"  # for the helper's report
     if stack and re.search(r"\((threading|queue)\.py:", stack[-1]):
         return "waiting"  # for the other thread (a queue or a lock), not working
     for frame in reversed(stack):  # innermost first
@@ -109,15 +114,24 @@ def profile(ingest: Path, data_dir: Path, py_spy: str) -> dict:
             raw = Path(tmp) / "raw.txt"
             env["REJECT_FILE"] = str(Path(tmp) / "rejects.jsonl")
             cpu0, t0 = server_cpu_seconds(), time.monotonic()
-            subprocess.run([py_spy, "record", "--threads", "--idle", "--rate", str(RATE), "--format", "raw",
+            subprocess.run([py_spy, "record", "--threads", "--idle", "--subprocesses", "--rate", str(RATE),
+                            "--format", "raw",
                             "--output", str(raw), "--", sys.executable, str(ingest), "-q"],
                            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall, server = time.monotonic() - t0, server_cpu_seconds() - cpu0
             threads: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
             for line in raw.read_text().splitlines():
                 stack, _, count = line.rpartition(" ")
-                frames = stack.split(";")  # "thread (tid): name", then the outermost frame first
-                threads[frames[0].split(": ", 1)[-1]][stage_of(frames[1:])] += int(count)
+                # "process PID:cmd" (twice for the helper: its parent, then itself), "thread (tid): name",
+                # then the outermost frame first
+                frames = stack.split(";")
+                processes = 0
+                while frames and frames[0].startswith("process "):
+                    frames, processes = frames[1:], processes + 1
+                if not frames:
+                    continue
+                thread = "helper process" if processes > 1 else frames[0].split(": ", 1)[-1]
+                threads[thread][stage_of(frames[1:])] += int(count)
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
@@ -139,7 +153,7 @@ def main() -> int:
     print("|---|" + "--:|" * len(stages))
     others = []
     for thread, counts in sorted(got["threads"].items()):
-        if thread in ("MainThread", "copy-producer"):
+        if thread in ("MainThread", "copy-producer", "helper process"):
             print(f"| {thread} | " + " | ".join(f"{counts[s] / RATE:.2f}" for s in stages) + " |")
         else:  # the stop watchdog (asleep in select) and py-spy's view of start-up threads
             others.append(f"{thread} {sum(counts.values()) / RATE:.2f} s")
