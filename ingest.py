@@ -452,14 +452,43 @@ class _LineMaker:
         raise AssertionError(f"validate_record accepted what its own checks refused: {obj!r}")
 
     def tails(self, metric: str, values: list) -> list[str] | None:
-        """The value parts of a decoded window's numbers, in bulk (no call per record), when the
-        window's one metric is known, every number is within its bounds and each was accepted
-        before (found in the cache above). None otherwise (the records then go one by one)."""
+        """The value parts of a decoded window's numbers, in bulk (a call only for a number not in
+        the cache above), when the window's one metric is known and every number is valid for it.
+        None otherwise (the records then go one by one, for the reasons)."""
         bounds = METRIC_BOUNDS.get(metric)
         if bounds is None or not (bounds[0] <= min(values) and max(values) <= bounds[1]):
             return None
-        tails = list(map(self.values.get, values))  # a zero is never cached: it goes one by one
-        return None if None in tails else tails
+        tails = list(map(self.values.get, values))  # (a zero is never cached)
+        if None in tails:
+            tails = [tail or self._tail(metric, value) for tail, value in zip(tails, values)]
+            if None in tails:
+                return None
+        return tails
+
+    def stamps_of(self, texts: list) -> list[tuple[str, int]] | None:
+        """(UTC text, epoch seconds) of a decoded window's timestamps, in bulk: from the cache
+        above, else, for naive ones in UTC written exactly as "YYYY-MM-DDTHH:MM:SS" (each read by
+        ``datetime.fromisoformat`` and written back the same), computed as _stamp's shortcut does;
+        else one by one through _stamp. None if any is not valid."""
+        stamps = list(map(self.stamps.get, texts))
+        if None not in stamps:
+            return stamps
+        if self.tz is UTC:
+            try:
+                moments = list(map(dt.datetime.fromisoformat, texts))
+            except (ValueError, TypeError):
+                moments = None
+            if (moments is not None and set(map(_TZINFO_OF, moments)) == {None}
+                    and list(map(dt.datetime.isoformat, moments)) == texts):
+                epochs = map(operator.floordiv, map(operator.sub, moments, itertools.repeat(_EPOCH)),
+                             itertools.repeat(_SECOND))
+                stamps = list(zip(map(operator.add, texts, itertools.repeat("+00:00")), epochs))
+                if len(self.stamps) + len(texts) > 100_000:
+                    self.stamps.clear()
+                self.stamps.update(zip(texts, stamps))
+                return stamps
+        stamps = [stamp or self._stamp(text) for stamp, text in zip(stamps, texts)]
+        return None if None in stamps else stamps
 
     def _user(self, user: str) -> str | None:
         try:
@@ -505,6 +534,8 @@ class _LineMaker:
 
 _USER_OF, _METRIC_OF, _TIMESTAMP_OF = (operator.attrgetter(name) for name in ("user_id", "metric", "timestamp"))
 _NO_TIMES: dict[str, str] = {}  # what a (user_id, metric) with no remembered repeats finds (never written)
+_UTC_TEXT_OF, _EPOCH_OF = operator.itemgetter(0), operator.itemgetter(1)  # of a _LineMaker.stamps entry
+_TZINFO_OF = operator.attrgetter("tzinfo")
 _CANONICAL_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(Z|\+00:00)?", re.ASCII)
 _EPOCH, _SECOND = dt.datetime(1970, 1, 1), dt.timedelta(seconds=1)
 
@@ -2217,6 +2248,11 @@ class _FileRows:
                             self.helper = False
                             self.stream.settle_far_half(self._repeats_of_sent, lambda: self.conflict_example)
                         continue
+                    lines = self._new_keys(records, chunks)
+                    if lines is not None:  # settled in bulk: every record a new key
+                        yield from lines
+                        read, done = read + len(records), first_position + len(records) - 1
+                        continue
                 for position, obj in enumerate(records, first_position):
                     try:
                         key, tail, epoch = make_line(obj)
@@ -2299,6 +2335,36 @@ class _FileRows:
             at = next(i for i, (first, tail) in enumerate(zip(firsts, tails)) if first != tail)
             self._note_conflict(make_line(records[at])[0], firsts[at], tails[at])
         return differ
+
+    def _new_keys(self, records: list, chunks: set[int]) -> list[str] | None:
+        """A decoded window whose every record is a key not seen before (unique-key data), settled
+        in bulk: the same checks and the same outcome as one by one, the COPY lines made without a
+        Python call per record (a timestamp not in the cache is read once, by _LineMaker._stamp).
+        Returns the lines, or None when the window must go one by one: more than one user or
+        metric, a record that is not valid or repeats a key, or a window that would end the part
+        (PART_CHUNKS) or fill the memory of keys (DEDUPE_MAX_KEYS)."""
+        metrics = set(map(_METRIC_OF, records))
+        users = list(map(_USER_OF, records))
+        if len(metrics) != 1 or users.count(users[0]) != len(users):
+            return None
+        make_line, metric, seen = self.make_line, metrics.pop(), self.seen
+        escaped = make_line.users.get(users[0]) or make_line._user(users[0])
+        tails = make_line.tails(metric, list(map(_VALUE_OF, records))) if escaped else None
+        if tails is None or len(seen) + len(records) > DEDUPE_MAX_KEYS:
+            return None
+        stamps = make_line.stamps_of(list(map(_TIMESTAMP_OF, records)))
+        if stamps is None:
+            return None
+        utcs = list(map(_UTC_TEXT_OF, stamps))
+        fresh = dict(zip(zip(itertools.repeat(escaped), itertools.repeat(metric), utcs), tails))
+        if len(fresh) != len(records) or not fresh.keys().isdisjoint(seen):
+            return None
+        touched = chunks.union(map(operator.floordiv, map(_EPOCH_OF, stamps), itertools.repeat(self.chunk_seconds)))
+        if len(touched) > PART_CHUNKS:
+            return None
+        chunks |= touched
+        seen.update(fresh)
+        return list(map(f"{escaped}\t{metric}\t".__add__, map(str.__add__, utcs, tails)))
 
     def _remember(self, record: object, first: str) -> None:
         """A repeat met one by one: its user_id, metric and timestamp as written, for the windows

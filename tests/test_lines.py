@@ -175,19 +175,29 @@ def test_batch_decoding_runs_across_read_chunk_boundaries(tmp_path, monkeypatch)
 
 
 # --- windows settled in bulk: the same outcome as one record at a time ------------------------
+BULK_PATHS = ("_repeats_of_sent", "_new_keys")  # windows of repeats, windows of new keys
+
+
+def bulk_paths(monkeypatch, bulk: bool) -> dict:
+    """Count the windows each bulk path settles; with ``bulk`` False, let none settle any."""
+    settled = dict.fromkeys(BULK_PATHS, 0)
+    for name in BULK_PATHS:
+        real = getattr(ingest._FileRows, name)
+
+        def spy(self, records, *args, real=real, name=name):
+            got = real(self, records, *args) if bulk else None
+            settled[name] += got is not None
+            return got
+
+        monkeypatch.setattr(ingest._FileRows, name, spy)
+    return settled
+
+
 def file_outcome(path, tz=dt.UTC, part_chunks=None, resume_after=0, bulk=True, monkeypatch=None) -> dict:
     """Everything _FileRows reports for a file: lines per part, counts, conflicts, rejects."""
     if part_chunks is not None:
         monkeypatch.setattr(ingest, "PART_CHUNKS", part_chunks)
-    settled = []
-    real = ingest._FileRows._repeats_of_sent
-
-    def repeats_of_sent(self, records):
-        got = real(self, records) if bulk else None
-        settled.append(got is not None)
-        return got
-
-    monkeypatch.setattr(ingest._FileRows, "_repeats_of_sent", repeats_of_sent)
+    settled = bulk_paths(monkeypatch, bulk)
     spool = path.parent / f"rejects-{bulk}.jsonl"
     spool.unlink(missing_ok=True)
     rejects = ingest._Rejects(spool, None)
@@ -199,10 +209,9 @@ def file_outcome(path, tz=dt.UTC, part_chunks=None, resume_after=0, bulk=True, m
     rejects.publish()
     rows.close()
     rejects.close()
-    monkeypatch.setattr(ingest._FileRows, "_repeats_of_sent", real)
     return {"parts": parts, "counts": rows.take_counts(), "conflicting": rows.conflicting,
             "example": rows.conflict_example, "done": rows.done, "rejects": spool.read_text(),
-            "settled in bulk": sum(settled)}
+            "settled in bulk": settled}
 
 
 def task0_like(rng, copies: int, seconds: int, odd: float) -> list:
@@ -236,11 +245,56 @@ def test_windows_settled_in_bulk_end_exactly_as_one_record_at_a_time(tmp_path, m
     bulk = file_outcome(path, part_chunks=part_chunks, resume_after=resume_after, monkeypatch=monkeypatch)
     one_by_one = file_outcome(path, part_chunks=part_chunks, resume_after=resume_after, bulk=False,
                               monkeypatch=monkeypatch)
-    assert one_by_one["settled in bulk"] == 0
+    assert sum(one_by_one.pop("settled in bulk").values()) == 0
+    settled = bulk.pop("settled in bulk")
     if odd < 0.01:  # with one record in 20 odd, hardly a window of ~130 is free of them
-        assert bulk["settled in bulk"] > 0
-    assert {k: v for k, v in bulk.items() if k != "settled in bulk"} == \
-           {k: v for k, v in one_by_one.items() if k != "settled in bulk"}
+        assert settled["_repeats_of_sent"] > 0 and settled["_new_keys"] > 0
+    assert bulk == one_by_one
+
+
+def unique_keys(rng, users: int, seconds: int, odd: float, step: int = 1) -> list:
+    """Unique keys, one user after another (b's and d's shape), some records odd, a few repeated."""
+    out = []
+    for user in range(users):
+        for i in range(0, seconds, step):
+            record = {"user_id": f"u{user}", "metric": "heart_rate", "value": 60 + i % 90,
+                      "timestamp": (dt.datetime(2024, 1, 1) + dt.timedelta(seconds=i)).isoformat()}
+            if rng.random() < odd:
+                record.update(rng.choice([{"value": 0}, {"value": 999}, {"value": 61.25}, {"metric": "hrv"},
+                                          {"user_id": "u_other"}, {"timestamp": "2024-02-30T00:00:00"},
+                                          {"timestamp": record["timestamp"] + "Z"}, {"value": "60"},
+                                          {"timestamp": "2024-01-01T00:00:00"}]))
+            out.append(record)
+    return out
+
+
+@pytest.mark.parametrize("tz", [dt.UTC, ZoneInfo("Europe/Berlin")], ids=["UTC", "Berlin"])
+@pytest.mark.parametrize("odd", [0.0, 0.001, 0.05])
+@pytest.mark.parametrize("part_chunks, resume_after, max_keys", [(None, 0, None), (2, 0, None), (None, 700, None),
+                                                                 (None, 0, 5000)])
+def test_windows_of_new_keys_settled_in_bulk_end_exactly_as_one_record_at_a_time(
+        tmp_path, monkeypatch, odd, part_chunks, resume_after, max_keys, tz):
+    """Unique keys over several days (so parts end inside windows), with odd records among them
+    (invalid values, dates and types, another metric or user, a key written again, or the same
+    instant written with a "Z"), resuming, with the memory of keys filling up, in UTC and in a zone
+    with DST: the lines, counts, conflicts and rejects are those of the record-by-record path."""
+    import random
+
+    monkeypatch.setattr(ingest, "READ_CHUNK_CHARS", 16384)
+    if max_keys:
+        monkeypatch.setattr(ingest, "DEDUPE_MAX_KEYS", max_keys)
+    records = unique_keys(random.Random(odd), users=3, seconds=4 * 86400, odd=odd, step=37)
+    records += records[-1000:]  # repeats of keys first met late (past the memory of keys, when it is small)
+    path = tmp_path / "unique.json"
+    path.write_text(json.dumps(records, indent=2))
+    bulk = file_outcome(path, tz, part_chunks, resume_after, monkeypatch=monkeypatch)
+    one_by_one = file_outcome(path, tz, part_chunks, resume_after, bulk=False, monkeypatch=monkeypatch)
+    assert sum(one_by_one.pop("settled in bulk").values()) == 0
+    settled = bulk.pop("settled in bulk")
+    if odd < 0.01:
+        assert settled["_new_keys"] > 10
+    assert bulk == one_by_one
+    assert len(bulk["parts"]) > 1 or part_chunks is None
 
 
 bulk_users = st.sampled_from(["u1", "u2", 'q\t"\\N'])
@@ -260,15 +314,7 @@ bulk_windows = st.lists(st.lists(valid_record, min_size=1, max_size=12) |
 def windows_outcome(windows: list, tz, bulk: bool, tmp_path, monkeypatch) -> dict:
     """What _FileRows reports for these decoded windows of Records (as the batch decoder yields
     them), with windows of repeats settled in bulk or not at all."""
-    real = ingest._FileRows._repeats_of_sent
-    settled = []
-
-    def repeats_of_sent(self, records):
-        got = real(self, records) if bulk else None
-        settled.append(got is not None)
-        return got
-
-    monkeypatch.setattr(ingest._FileRows, "_repeats_of_sent", repeats_of_sent)
+    settled = bulk_paths(monkeypatch, bulk)
     Record = ingest._typed().Record
     batches, position = [], 1
     for window in windows:
@@ -285,10 +331,9 @@ def windows_outcome(windows: list, tz, bulk: bool, tmp_path, monkeypatch) -> dic
     lines = list(rows.part())
     rejects.publish()
     rejects.close()
-    monkeypatch.setattr(ingest._FileRows, "_repeats_of_sent", real)
     return {"lines": lines, "counts": rows.take_counts(), "conflicting": rows.conflicting,
             "example": rows.conflict_example, "done": rows.done, "rejects": spool.read_text(),
-            "settled in bulk": sum(settled)}
+            "settled in bulk": sum(settled.values())}
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -315,8 +360,9 @@ def test_repeated_windows_of_one_user_are_settled_in_bulk(tmp_path, monkeypatch)
     changed = [(u, m, t, v + 1) for u, m, t, v in window]
     got = windows_outcome([window, window, window, mixed, mixed, mixed, changed], dt.UTC, True, tmp_path,
                           monkeypatch)
-    # the second window and the second mixed one go one by one (u2's repeats are remembered only then)
-    assert got["settled in bulk"] == 3  # the third window, the third mixed one and the changed one
+    # the first window is new keys; the second window and the second mixed one go one by one (u2's
+    # repeats are remembered only then)
+    assert got["settled in bulk"] == 4  # and the third window, the third mixed one and the changed one
     assert got["counts"].rows_duplicate == 10 + 10 + 5 + 10 + 10 + 10 and got["conflicting"] == 10
     assert got["example"] == "u1 heart_rate 2024-01-01T00:00:00+00:00: 60.0 then 61.0"
 
@@ -336,6 +382,28 @@ def test_bulk_value_parts_are_those_of_each_record(earlier, metric, values):
     if tails is not None:
         assert tails == [make_line(ingest._typed().Record("u1", metric, "2024-01-01T00:00:00", v))[1]
                          for v in values]
+
+
+canonical = st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)).map(
+    lambda d: d.isoformat(timespec="seconds"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.one_of(canonical, stamps), min_size=1, max_size=12) | st.lists(canonical, min_size=1, max_size=12),
+       st.sampled_from([dt.UTC, ZoneInfo("Europe/Berlin")]), st.booleans())
+def test_bulk_timestamps_are_those_of_each_record(texts, tz, warm):
+    """Whenever _LineMaker.stamps_of gives the UTC texts and epochs of a window's timestamps (the
+    cache cold, or warm with some of them), each is what validate_record gives the record alone;
+    when it gives none, one of them is a reject."""
+    make_line = ingest._LineMaker(tz)
+    if warm:
+        make_line.stamps_of(texts[::2])
+    got = make_line.stamps_of(texts)
+    truths = [truth({"user_id": "u1", "metric": "heart_rate", "timestamp": text, "value": 60}, tz) for text in texts]
+    if got is None:
+        assert any(t[0] == "reject" for t in truths)
+    else:
+        assert [("line", f"u1\theart_rate\t{utc}\t60.0\n", epoch) for utc, epoch in got] == truths
 
 
 def test_a_number_accepted_for_one_metric_is_checked_against_another_metrics_bounds():
