@@ -533,7 +533,6 @@ class _LineMaker:
 
 
 _USER_OF, _METRIC_OF, _TIMESTAMP_OF = (operator.attrgetter(name) for name in ("user_id", "metric", "timestamp"))
-_NO_TIMES: dict[str, str] = {}  # what a (user_id, metric) with no remembered repeats finds (never written)
 _UTC_TEXT_OF, _EPOCH_OF = operator.itemgetter(0), operator.itemgetter(1)  # of a _LineMaker.stamps entry
 _TZINFO_OF = operator.attrgetter("tzinfo")
 _CANONICAL_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(Z|\+00:00)?", re.ASCII)
@@ -2194,7 +2193,7 @@ class _FileRows:
     ``part()`` yields the lines of the next part: each key once (the first; the database still
     settles repeats beyond DEDUPE_MAX_KEYS remembered keys), rejects spooled with their reasons.
     A decoded window of records that all repeat keys already sent is counted in bulk: each record
-    found by its user_id and timestamp as written among the repeats met before (``firsts``).
+    found by its user_id and timestamp as written in a table of the keys met before (``firsts``).
     A part ends at the end of the file, or before a row that would make it touch more than
     PART_CHUNKS chunks. Records up to ``resume_after`` were committed by an earlier run: they are
     read again (for the digest and the memory of keys) but not sent or counted.
@@ -2214,9 +2213,11 @@ class _FileRows:
         self.finished = False
         self.seen: dict[Key, str] = {}  # key of a line -> its value part, first occurrence
         # (user_id, metric) as written -> timestamp as written -> the value part of the first
-        # occurrence of that key: filled by repeats met one by one, read by windows settled in bulk
+        # occurrence of that key: made at the first window of repeats, added to by repeats met one
+        # by one, read by windows of repeats settled in bulk
         self.firsts: dict[tuple[str, str], dict[str, str]] = {}
         self.firsts_size = 0  # entries in all of them (bounded like seen)
+        self.scan_budget = 2 * DEDUPE_MAX_KEYS  # cache entries _first_table may still look at
         self._pending: tuple[int, list] | None = None  # the batch (its rest) opening the next part
         self.extra_keys = self.conflicting = 0
         self.extra_example: str | None = None
@@ -2302,10 +2303,10 @@ class _FileRows:
         records repeat their key with a different value, or None when the window must go one by
         one. The first and the last key are probed first, so a window of new keys costs two calls.
 
-        A record is a repeat here when its (user_id, metric, timestamp) as written is one that an
-        earlier repeat was met with (``_remember``): it was accepted then, and the key it stands for
-        is in ``seen``. Task-0's second copy of its keys goes one by one and is remembered; the
-        third and later copies are settled here."""
+        A record is a repeat here when its (user_id, metric, timestamp) as written is in the table
+        of its user and metric (``firsts``): made, at the first window of repeats, from the
+        timestamps in the cache whose key is in ``seen`` (_first_table), and added to by repeats
+        met one by one (``_remember``)."""
         make_line = self.make_line
         try:
             if make_line(records[0])[0] not in self.seen or make_line(records[-1])[0] not in self.seen:
@@ -2320,14 +2321,11 @@ class _FileRows:
         if tails is None:
             return None
         users, stamps = list(map(_USER_OF, records)), map(_TIMESTAMP_OF, records)
-        if users.count(users[0]) == len(users):  # one user: one table
-            firsts_of = self.firsts.get((users[0], metric))
-            if firsts_of is None:
-                return None
-            firsts = list(map(firsts_of.get, stamps))
+        tables = {user: self._first_table(user, metric) for user in set(users)}
+        if len(tables) == 1:
+            firsts = list(map(tables[users[0]].get, stamps))
         else:
-            tables = map(self.firsts.get, zip(users, itertools.repeat(metric)), itertools.repeat(_NO_TIMES))
-            firsts = list(map(dict.get, tables, stamps))
+            firsts = list(map(dict.get, map(tables.__getitem__, users), stamps))
         if None in firsts:
             return None
         differ = sum(map(operator.ne, firsts, tails))
@@ -2366,14 +2364,30 @@ class _FileRows:
         seen.update(fresh)
         return list(map(f"{escaped}\t{metric}\t".__add__, map(str.__add__, utcs, tails)))
 
+    def _first_table(self, user: str, metric: str) -> dict[str, str]:
+        """The table of a user and metric. Made when first needed, from what is known then: each
+        timestamp text in _LineMaker's cache (up to 100,000) whose key is in ``seen``, with that
+        key's first value part (a file's first window of repeats is usually settled in bulk at
+        once). At most 2 x DEDUPE_MAX_KEYS cache entries are looked at per file: a file of many
+        users does not pay this for each of them, its tables fill as repeats are met."""
+        firsts_of = self.firsts.get((user, metric))
+        if firsts_of is None:
+            firsts_of = self.firsts[user, metric] = {}
+            escaped, seen, stamps = self.make_line.users.get(user), self.seen, self.make_line.stamps
+            if escaped is not None and self.scan_budget >= len(stamps):
+                self.scan_budget -= len(stamps)
+                for text, (utc, _) in stamps.items():
+                    first = seen.get((escaped, metric, utc))
+                    if first is not None and self.firsts_size < DEDUPE_MAX_KEYS:
+                        firsts_of[text] = first
+                        self.firsts_size += 1
+        return firsts_of
+
     def _remember(self, record: object, first: str) -> None:
         """A repeat met one by one: its user_id, metric and timestamp as written, for the windows
         settled in bulk (``_repeats_of_sent``). Bounded: at most DEDUPE_MAX_KEYS entries a file."""
         if self.firsts_size < DEDUPE_MAX_KEYS:
-            stream = (record.user_id, record.metric)
-            firsts_of = self.firsts.get(stream)
-            if firsts_of is None:
-                firsts_of = self.firsts[stream] = {}
+            firsts_of = self._first_table(record.user_id, record.metric)
             if record.timestamp not in firsts_of:
                 firsts_of[record.timestamp] = first
                 self.firsts_size += 1

@@ -13,11 +13,14 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 import ingest
+from tests.conftest import ROOT
 from tests.test_lines import task0_like
 
 
@@ -175,3 +178,56 @@ def test_a_task0_file_loads_first_wins_with_its_far_half_settled_by_a_helper(run
     assert landed == first
     s = run.summary()
     assert (s["records_read"], s["rows_inserted"], s["rows_duplicate"]) == (12 * 2500, 2500, 11 * 2500)
+
+
+_DRIVER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import ingest
+ingest.READ_CHUNK_CHARS, ingest.FAR_HALF_MIN_BYTES = 16384, 100_000
+real = ingest._settle_far_half
+
+def slow(*args):  # the helper says who it is, then takes its time
+    os.write(1, f"helper {os.getpid()}\\n".encode())
+    time.sleep(2)
+    return real(*args)
+
+ingest._settle_far_half = slow
+sys.exit(ingest.main(sys.argv[2:]))
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_a_helper_outlives_a_killed_loader_only_as_long_as_its_work(run, db):
+    """kill -9 of the loader while its helper works: the helper ends by itself when its work is
+    done (its report finds no reader), and the next run loads the file as a clean load would."""
+    records = task0_like(random.Random(3), copies=12, seconds=2500, odd=0.0)
+    run.write("heart_rate.json", json.dumps(records, indent=2))
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(ROOT), "--data-dir", str(run.data),
+                             "--reject-file", str(run.rejects)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            cwd=run.tmp)
+    try:
+        helper = int(proc.stdout.readline().split()[1])
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # (the helper holds the other end: no waiting for it here)
+    assert _running(helper)  # still at work
+    deadline = time.monotonic() + 20
+    while _running(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(helper)
+    assert run() == 0
+    first = {}
+    for r in records:
+        first.setdefault(r["timestamp"], float(r["value"]))
+    assert {row[2].strftime("%Y-%m-%dT%H:%M:%S"): row[3] for row in db.rows()} == first

@@ -360,9 +360,7 @@ def test_repeated_windows_of_one_user_are_settled_in_bulk(tmp_path, monkeypatch)
     changed = [(u, m, t, v + 1) for u, m, t, v in window]
     got = windows_outcome([window, window, window, mixed, mixed, mixed, changed], dt.UTC, True, tmp_path,
                           monkeypatch)
-    # the first window is new keys; the second window and the second mixed one go one by one (u2's
-    # repeats are remembered only then)
-    assert got["settled in bulk"] == 4  # and the third window, the third mixed one and the changed one
+    assert got["settled in bulk"] == 6  # all but the first mixed one (a new user among repeats)
     assert got["counts"].rows_duplicate == 10 + 10 + 5 + 10 + 10 + 10 and got["conflicting"] == 10
     assert got["example"] == "u1 heart_rate 2024-01-01T00:00:00+00:00: 60.0 then 61.0"
 
