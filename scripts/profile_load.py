@@ -55,10 +55,10 @@ STAGES = {
              "_settle_far_half _record_start "
              "_careful_float _careful_int _careful_object _deep_nesting_at DataFile.records",
     "validate": "_LineMaker.__call__ _LineMaker._user _LineMaker._stamp _LineMaker._tail _LineMaker.repeats "
-                "_LineMaker.tails "
+                "_LineMaker.tails _LineMaker.stamps_of "
                 "validate_record _check_user_id _check_metric _check_timestamp _check_value _localize",
     "dedupe": "_valid_lines _FileRows.part _FileRows._repeats_of_sent _FileRows._note_conflict _FileStats.repeat "
-              "_FileRows._remember",
+              "_FileRows._remember _FileRows._new_keys _FileRows._first_table",
     "send": "_CopySource._produce _CopySource._next_batch _CopySource.read _CopySource.copy "
             "_CopySource.copy_into insert_records _insert_lines _Loader._insert",
 }
@@ -97,7 +97,7 @@ def stage_of(stack: list[str]) -> str:
     if stack and re.search(r"\((threading|queue)\.py:", stack[-1]):
         return "waiting"  # for the other thread (a queue or a lock), not working
     for frame in reversed(stack):  # innermost first
-        if "(ingest.py:" in frame:
+        if "(ingest.py:" in frame and not frame.startswith("<"):  # (a comprehension: its function)
             return STAGE_OF.get(frame.split(" (", 1)[0], "other")
     return "other"
 
