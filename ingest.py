@@ -631,7 +631,7 @@ class RecordStream:
                 self._far.kill()
 
     def settle_far_half(self, settle: Callable[[list], int | None], example: Callable[[], str | None]) -> None:
-        """Called once a window of this file was settled in bulk: if what is left of it is large,
+        """Called once a window of repeats was settled in bulk: if what is left of the file is large,
         a helper process settles the windows of its far half the same way (``settle``; ``example``
         is the first conflict it noted) while this one reads on up to where that half begins."""
         reader, self._reader = self._reader, None  # one helper per file at most
@@ -940,9 +940,9 @@ class _FarHalf:
         status, self._pid = os.waitpid(self._pid, 0)[1], 0
         try:
             end, count, conflicting, example = json.loads(b"".join(report))
-        except ValueError:
-            return None
-        if status != 0 or not self.start <= end <= self.reader.size:
+            if status != 0 or not (self.start <= end <= self.reader.size and 0 <= conflicting <= count):
+                return None
+        except (ValueError, TypeError):  # no report, or not one the helper writes
             return None
         log.debug("%d records of the far half settled by a helper process", count)
         return _Settled(count, conflicting, example, end)

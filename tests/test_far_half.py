@@ -122,7 +122,12 @@ def _lies(fd, start, size, settle):
     return size + 1, 10, 0  # an end beyond the file
 
 
-@pytest.mark.parametrize("helper_work", [_fails, _dies, _lies], ids=["raises", "killed", "reports nonsense"])
+def _garbles(fd, start, size, settle):
+    return "end", None, 0  # not numbers
+
+
+@pytest.mark.parametrize("helper_work", [_fails, _dies, _lies, _garbles],
+                         ids=["raises", "killed", "reports an end beyond the file", "reports no numbers"])
 def test_a_helper_that_fails_changes_nothing_but_time(tmp_path, helpers, monkeypatch, helper_work):
     path = task0_file(tmp_path)
     monkeypatch.setattr(ingest, "_settle_far_half", helper_work)
