@@ -965,35 +965,26 @@ def _record_start(fd: int, offset: int) -> int | None:
     data = os.pread(fd, READ_CHUNK_CHARS, offset)
     comma = data.find(b"},")
     begin = len(data) - len(data[comma + 2 :].lstrip(b" \t\r\n")) if comma >= 0 else -1
-    cut = data.rfind(b"},")
-    if begin < 0 or data[begin : begin + 1] != b"{" or cut - begin < 4096:
+    if begin < 0 or data[begin : begin + 1] != b"{":
         return None
     typed = _typed()
-    try:
-        items = typed.decode_list(b"[" + data[begin : cut + 1] + b"]")
-    except typed.errors:
-        return None
-    return offset + begin if _fast_is_exact(data[begin : cut + 1], items) else None
+    window = _decode_window(data, begin, typed.decode_list, _fast_is_exact, typed.errors)
+    return None if window is None else offset + begin
 
 
 def _settle_far_half(fd: int, start: int, size: int, settle: Callable[[list], int | None]) -> tuple[int, int, int]:
-    """In the helper: windows from ``start`` read and decoded as the loader's _Buffer.decode_batch
-    does (cut after their last "},", the fast decoder, the exactness check) and settled, until
-    one cannot be. Returns where that one begins, and the records settled and conflicting."""
+    """In the helper: windows from ``start`` read and decoded as the loader's are (_decode_window)
+    and settled, until one cannot be (the array's last records make no window). Returns where that
+    one begins, and the records settled and conflicting."""
     typed, end, count, conflicting = _typed(), start, 0, 0
     while end < size:
-        data = os.pread(fd, READ_CHUNK_CHARS, end)
-        cut = data.rfind(b"},")
-        if cut < 4096:  # the array's last record, or too few to be worth a window
-            break
-        try:
-            items = typed.decode_list(b"[" + data[: cut + 1] + b"]")
-        except typed.errors:
-            break
-        differ = settle(items) if _fast_is_exact(data[: cut + 1], items) else None
+        got = _decode_window(os.pread(fd, READ_CHUNK_CHARS, end), 0, typed.decode_list, _fast_is_exact,
+                             typed.errors)
+        differ = None if got is None else settle(got[0])
         if differ is None:
             break
-        end, count, conflicting = end + cut + 2, count + len(items), conflicting + differ
+        items, window = got
+        end, count, conflicting = end + len(window) + 1, count + len(items), conflicting + differ
     return end, count, conflicting
 
 
@@ -1181,30 +1172,40 @@ class _Buffer:
 
     def decode_batch(self, decode: Callable[[str], list], exact: Callable[[str, list], bool],
                      errors: tuple[type[BaseException], ...]) -> tuple[list, str] | None:
-        """Decode many array items with one call of the fast decoder (its C code does the looping).
-
-        The window is cut after its last "}," and parsed as an array. That cut can only parse if
-        it falls between two items: inside a string or a nested value the brackets or quotes would
-        not balance. Anything else (odd formatting, a bad record, anything the fast decoder could
-        get wrong) returns None, and the caller decodes item by item, carefully.
-        """
+        """Decode many array items with one call of the fast decoder (_decode_window); None
+        otherwise (odd formatting, a bad record, anything the fast decoder could get wrong), and
+        the caller decodes item by item, carefully."""
         if len(self.text) - self.pos < READ_CHUNK_CHARS // 2:
             self.fill()
-        cut = self.text.rfind("},", self.pos)
-        if cut < 0 or cut - self.pos < 4096:
-            return None
-        text = self.text[self.pos : cut + 1]
-        try:
-            items = decode(f"[{text}]")
-        except errors:
-            return None
-        if not exact(text, items):
-            return None
-        self.pos = cut + 2
-        return items, text
+        got = _decode_window(self.text, self.pos, decode, exact, errors)
+        if got is not None:
+            self.pos += len(got[1]) + 1  # past the window and its last ","
+        return got
 
     def where(self, pos: int) -> str:
         return f"character {self.consumed + pos + 1}"
+
+
+def _decode_window(text: str | bytes, start: int, decode: Callable, exact: Callable,
+                   errors: tuple[type[BaseException], ...]) -> tuple[list, str | bytes] | None:
+    """The array items of ``text`` from ``start`` up to its last "},", decoded with one call of
+    the fast decoder (its C code does the looping), with the text they came from (ending with that
+    "}"). None when that is under 4096 characters, does not parse, or not exactly (``exact``).
+
+    The window is cut after its last "}," and parsed as an array. That cut can only parse if it
+    falls between two items: inside a string or a nested value the brackets or quotes would not
+    balance. The loader's windows are text; the helper's (_FarHalf) are bytes.
+    """
+    comma, left, right = ("},", "[", "]") if type(text) is str else (b"},", b"[", b"]")
+    cut = text.rfind(comma, start)
+    if cut - start < 4096:
+        return None
+    window = text[start : cut + 1]
+    try:
+        items = decode(left + window + right)
+    except errors:
+        return None
+    return (items, window) if exact(window, items) else None
 
 
 def _may_be_cut(exc: json.JSONDecodeError, length: int) -> bool:
@@ -2313,13 +2314,10 @@ class _FileRows:
                 return None
         except ValidationError:
             return None
-        metrics = set(map(_METRIC_OF, records))
-        if len(metrics) != 1:
+        metric_tails = self._metric_and_tails(records)
+        if metric_tails is None:
             return None
-        metric = metrics.pop()
-        tails = make_line.tails(metric, list(map(_VALUE_OF, records)))
-        if tails is None:
-            return None
+        metric, tails = metric_tails
         users, stamps = list(map(_USER_OF, records)), map(_TIMESTAMP_OF, records)
         tables = {user: self._first_table(user, metric) for user in set(users)}
         if len(tables) == 1:
@@ -2341,14 +2339,13 @@ class _FileRows:
         Returns the lines, or None when the window must go one by one: more than one user or
         metric, a record that is not valid or repeats a key, or a window that would end the part
         (PART_CHUNKS) or fill the memory of keys (DEDUPE_MAX_KEYS)."""
-        metrics = set(map(_METRIC_OF, records))
         users = list(map(_USER_OF, records))
-        if len(metrics) != 1 or users.count(users[0]) != len(users):
+        metric_tails = self._metric_and_tails(records) if users.count(users[0]) == len(users) else None
+        if metric_tails is None:
             return None
-        make_line, metric, seen = self.make_line, metrics.pop(), self.seen
+        (metric, tails), make_line, seen = metric_tails, self.make_line, self.seen
         escaped = make_line.users.get(users[0]) or make_line._user(users[0])
-        tails = make_line.tails(metric, list(map(_VALUE_OF, records))) if escaped else None
-        if tails is None or len(seen) + len(records) > DEDUPE_MAX_KEYS:
+        if not escaped or len(seen) + len(records) > DEDUPE_MAX_KEYS:
             return None
         stamps = make_line.stamps_of(list(map(_TIMESTAMP_OF, records)))
         if stamps is None:
@@ -2363,6 +2360,16 @@ class _FileRows:
         chunks |= touched
         seen.update(fresh)
         return list(map(f"{escaped}\t{metric}\t".__add__, map(str.__add__, utcs, tails)))
+
+    def _metric_and_tails(self, records: list) -> tuple[str, list[str]] | None:
+        """A decoded window's one metric and the value parts of its records (_LineMaker.tails);
+        None if it holds several metrics or a number not valid for its one."""
+        metrics = set(map(_METRIC_OF, records))
+        if len(metrics) != 1:
+            return None
+        metric = metrics.pop()
+        tails = self.make_line.tails(metric, list(map(_VALUE_OF, records)))
+        return None if tails is None else (metric, tails)
 
     def _first_table(self, user: str, metric: str) -> dict[str, str]:
         """The table of a user and metric. Made when first needed, from what is known then: each
