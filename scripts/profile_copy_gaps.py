@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -83,8 +84,8 @@ def main() -> int:
     dbs = bench.Databases(keep=False)
     db = dbs.create("gaps")
     s = bench.pg_settings()
-    argv = ["--data-dir", str(args.data_dir), "--reject-file", f"/tmp/profile-copy-gaps-{uuid.uuid4().hex}.jsonl",
-            "--log-level", "WARNING"]
+    rejects = Path(tempfile.gettempdir()) / f"profile-copy-gaps-{uuid.uuid4().hex}.jsonl"
+    argv = ["--data-dir", str(args.data_dir), "--reject-file", str(rejects), "--log-level", "WARNING"]
     os.environ.pop("DATABASE_URL", None)  # (this process only) the settings below, not a URL
     os.environ.update(POSTGRES_HOST=s["host"], POSTGRES_PORT=str(s["port"]), POSTGRES_USER=s["user"],
                       POSTGRES_PASSWORD=s["password"], POSTGRES_DB=db)
@@ -93,6 +94,7 @@ def main() -> int:
         code = ingest.main(argv)
         wall = time.perf_counter() - started
     finally:
+        rejects.unlink(missing_ok=True)
         dbs.drop(db)
         dbs.close()
     print(f"{args.ingest}: exit {code}, wall {wall:.2f} s, {gaps['copies']} COPYs: head {gaps['head']:.2f} s, "
