@@ -230,6 +230,18 @@ def pg_settings() -> dict:
             "dbname": env.get("POSTGRES_DB", "postgres")}
 
 
+def child_env(dbname: str) -> dict:
+    """The environment a loader runs in: database ``dbname``, none of the loader's own settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "DATA_DIR", "BATCH_SIZE", "SOURCE_TIMEZONE", "REJECT_FILE",
+                        "LOG_LEVEL", "CONNECT_TIMEOUT", "ON_CONFLICT", "WORKERS", "PGOPTIONS")}
+    s = pg_settings()
+    env.update(POSTGRES_HOST=s["host"], POSTGRES_PORT=str(s["port"]), POSTGRES_USER=s["user"],
+               POSTGRES_PASSWORD=s["password"], POSTGRES_DB=dbname, PGPASSWORD=s["password"],
+               PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
 def connect(dbname: str | None = None):
     s = pg_settings()
     if dbname:
@@ -401,14 +413,7 @@ class Bench:
         self.results: list[dict] = []
 
     def child_env(self, dbname: str) -> dict:
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("DATABASE_URL", "DATA_DIR", "BATCH_SIZE", "SOURCE_TIMEZONE", "REJECT_FILE",
-                            "LOG_LEVEL", "CONNECT_TIMEOUT", "ON_CONFLICT", "WORKERS", "PGOPTIONS")}
-        s = pg_settings()
-        env.update(POSTGRES_HOST=s["host"], POSTGRES_PORT=str(s["port"]), POSTGRES_USER=s["user"],
-                   POSTGRES_PASSWORD=s["password"], POSTGRES_DB=dbname, PGPASSWORD=s["password"],
-                   PYTHONDONTWRITEBYTECODE="1")
-        return env
+        return child_env(dbname)
 
     def add(self, ds: DataSet, variant: str, **kw) -> dict:
         row = {"dataset": ds.name, "variant": variant, **kw, "loadavg_after": round(os.getloadavg()[0], 2)}

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import py_compile
 import shutil
 import statistics
 import subprocess
@@ -81,12 +79,10 @@ def per_file(db: str, parts: list[str], group: int) -> None:
     conn.close()
 
 
-def loader(db: str, data: Path, snapshot: Path) -> None:
-    s = bench.pg_settings()
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(POSTGRES_DB=db, PGPASSWORD=s["password"], PYTHONDONTWRITEBYTECODE="1")
+def loader(db: str, data: Path) -> None:
+    snapshot = bench.INGEST.parent
     subprocess.run([sys.executable, "-m", "ingest", "--data-dir", str(data / "json"), "--reject-file",
-                    str(snapshot / "rejects.jsonl")], cwd=snapshot, env=env, check=True,
+                    str(snapshot / "rejects.jsonl")], cwd=snapshot, env=bench.child_env(db), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -100,14 +96,12 @@ def main() -> int:
     parts = files_of(args.data / "limit.tsv")
     rows = sum(part.count("\n") for part in parts)
     print(f"{args.data}: {rows:,} rows in {len(parts)} files", flush=True)
-    snapshot = Path(tempfile.mkdtemp(prefix="bench-server-"))
-    shutil.copy(ROOT / "ingest.py", snapshot / "ingest.py")
-    shutil.copytree(ROOT / "sql", snapshot / "sql")
-    py_compile.compile(str(snapshot / "ingest.py"), doraise=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    bench.snapshot_loader(scratch)  # ingest.py and sql/ as they are now, compiled
     ways = {"one COPY": lambda db: one_copy(db, parts),
             "per file": lambda db: per_file(db, parts, 1),
             f"{args.group} per tx": lambda db: per_file(db, parts, args.group),
-            "ingest": lambda db: loader(db, args.data, snapshot)}
+            "ingest": lambda db: loader(db, args.data)}
     dbs = bench.Databases(keep=False)
     ratios: dict[str, list[float]] = {way: [] for way in ways}
     try:
@@ -127,7 +121,7 @@ def main() -> int:
                 print(f"round {r}  {way:10}  wall {wall:6.2f} s  server CPU {server:6.2f} s  "
                       f"({server / first:.2f} x one COPY's)", flush=True)
     finally:
-        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     print("\nserver CPU, median ratio to one COPY in the same round:")
     for way, values in ratios.items():
         print(f"  {way:10}  {statistics.median(values):.2f}  [{min(values):.2f}-{max(values):.2f}]")

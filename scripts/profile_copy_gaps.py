@@ -83,12 +83,11 @@ def main() -> int:
     gaps = instrument(ingest)
     dbs = bench.Databases(keep=False)
     db = dbs.create("gaps")
-    s = bench.pg_settings()
     rejects = Path(tempfile.gettempdir()) / f"profile-copy-gaps-{uuid.uuid4().hex}.jsonl"
     argv = ["--data-dir", str(args.data_dir), "--reject-file", str(rejects), "--log-level", "WARNING"]
-    os.environ.pop("DATABASE_URL", None)  # (this process only) the settings below, not a URL
-    os.environ.update(POSTGRES_HOST=s["host"], POSTGRES_PORT=str(s["port"]), POSTGRES_USER=s["user"],
-                      POSTGRES_PASSWORD=s["password"], POSTGRES_DB=db)
+    env = bench.child_env(db)  # (this process's own) the database made above, no loader settings
+    os.environ.clear()
+    os.environ.update(env)
     try:
         started = time.perf_counter()
         code = ingest.main(argv)
