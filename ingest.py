@@ -2691,13 +2691,15 @@ class _CopySource:
         self._spool.seek(0)
         self._keeping, self._replaying, self.watch = False, True, None
 
-    def copy(self, cur, sql: str) -> int:
-        """Run COPY with this object as input, until the lines run out; return the rows loaded."""
-        loaded = 0
+    def copy(self, cur, sql: str, before_sql: str = "") -> int:
+        """Run COPY with this object as input, until the lines run out; return the rows loaded.
+        ``before_sql`` (a SAVEPOINT, say) goes in the same round trip as the first COPY only."""
+        loaded, first = 0, f"{before_sql}; {sql}" if before_sql else sql
         while True:
             before = self.sent
             try:
-                cur.copy_expert(sql, self, size=1 << 16)
+                cur.copy_expert(first, self, size=1 << 16)
+                first = sql
             except _psycopg2().Error:
                 error, self.error = self.error, None
                 if error is not None:
@@ -2781,15 +2783,13 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
     try:
         with conn.cursor() as cur:
             if direct and on_conflict == "nothing":
-                cur.execute("SAVEPOINT ingest_direct")
                 source.watch = conn.fileno()
-                try:
-                    copied = source.copy(cur, _COPY_DIRECT)
+                try:  # (the savepoint is not released: the caller's commit ends it, one round trip less)
+                    copied = source.copy(cur, _COPY_DIRECT, before_sql="SAVEPOINT ingest_direct")
                 except unique_violation:
                     cur.execute("ROLLBACK TO SAVEPOINT ingest_direct")
                     source.replay()
                 else:
-                    cur.execute("RELEASE SAVEPOINT ingest_direct")
                     _check_sent(copied, source.sent)
                     return Counts(rows_inserted=copied)
             cur.execute(_STAGE_SQL)
@@ -3024,13 +3024,18 @@ _MANIFEST_COLUMNS = ("size, mtime_ns, sha256, status, error, records_done, recor
                      "rows_inserted, rows_updated, rows_duplicate")
 # Claim a file: its manifest row, made if missing, locked for this transaction. A row another
 # loader holds (or is making) answers "lock not available" after lock_timeout: the file is busy.
-# Row locks are exact: two different paths never block each other.
+# Row locks are exact: two different paths never block each other. Only the lock waits: then
+# lock_timeout is 0 again, and the savepoint a failed file rolls back to is set, in the same round
+# trip (the row is read again last, as only the last statement's rows come back).
 _CLAIM_SQL = f"""
 SET LOCAL synchronous_commit = off;
 SET LOCAL statement_timeout = %(timeout_ms)s;
 SET LOCAL lock_timeout = %(wait_ms)s;
 INSERT INTO ingest_files (path, size, mtime_ns, status) VALUES (%(path)s, -1, -1, 'new') ON CONFLICT DO NOTHING;
-SELECT {_MANIFEST_COLUMNS} FROM ingest_files WHERE path = %(path)s FOR UPDATE
+SELECT FROM ingest_files WHERE path = %(path)s FOR UPDATE;
+SET LOCAL lock_timeout = 0;
+SAVEPOINT ingest_file;
+SELECT {_MANIFEST_COLUMNS} FROM ingest_files WHERE path = %(path)s
 """
 _MANIFEST_UPDATE = """
 UPDATE ingest_files SET size = %(size)s, mtime_ns = %(mtime_ns)s, sha256 = %(sha256)s, status = %(status)s,
@@ -3122,7 +3127,6 @@ class _Loader:
             if same and status in ("loaded", "failed") and not self.cfg.force:
                 conn.commit()
                 return _unchanged_result(df, status, error)
-            cur.execute("SET LOCAL lock_timeout = 0; SAVEPOINT ingest_file")  # only the claim waits briefly
         self.in_file = True
         if same and status in ("partial", "error") and done:
             log.info("%s: resuming after record %d (committed by an earlier run)", df.rel, done)
@@ -3144,7 +3148,6 @@ class _Loader:
             if cur.fetchone()[5] != done:
                 conn.rollback()
                 return False
-            cur.execute("SET LOCAL lock_timeout = 0; SAVEPOINT ingest_file")  # only the claim waits briefly
         return True
 
     def _record(self, conn, df: DataFile, st: os.stat_result, status: str, counts: Counts, done: int,

@@ -385,7 +385,7 @@ def _big_file(run, rows: int = 400_000) -> None:
                      for i in range(rows))
 
 
-def _loader_backends(db, query_like: str = "COPY%", running_for: float = 0.0) -> list[int]:
+def _loader_backends(db, query_like: str = "%COPY %", running_for: float = 0.0) -> list[int]:
     """The loader's backends whose (last) statement is like ``query_like``; with ``running_for``,
     only those still running it after that many seconds."""
     busy = " AND state = 'active' AND query_start <= clock_timestamp() - make_interval(secs => %s)"
@@ -472,7 +472,7 @@ def test_a_long_wait_on_the_server_is_not_a_stall(run, db):
                                  "--reject-file", str(run.rejects)], env={**os.environ, **db.env(), "STALL_TIMEOUT": "1"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not _loader_backends(db, "COPY%"):
+        while time.monotonic() < deadline and not _loader_backends(db):
             time.sleep(0.05)
         time.sleep(4)  # four stall limits go by while the COPY waits for the lock
         assert proc.poll() is None
