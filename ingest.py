@@ -2158,24 +2158,40 @@ class _Rejects:
     Appends are single O_APPEND writes per file part, so worker processes can share the file.
     """
 
-    def __init__(self, path: Path, run_id: int | None) -> None:
+    def __init__(self, path: Path | None, run_id: int | None) -> None:
         self.path, self.run_id = path, run_id
+        self._fd = None  # no path: a spool only, handed over as bytes (the read-ahead process's)
+        self._spool = None  # made at the first reject
+        if path is None:
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ConfigError(f"cannot write the reject file {path}: {exc.strerror or exc}") from None
-        self._spool = None  # made at the first reject
 
     def add(self, file: str, position: int | None, reason: str, text: str | None = None) -> None:
         entry = {"run_id": self.run_id, "file": file, "position": position, "reason": reason,
                  "record": None if text is None else text[:REJECT_RECORD_CHARS]}
+        # A lone surrogate ("\ud800" in the input) cannot be UTF-8: it stays as its escape.
+        self.add_lines(json.dumps(entry, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
+
+    def add_lines(self, data: bytes) -> None:
+        """Spool reject lines made elsewhere (by the read-ahead process: take())."""
         if self._spool is None:
             import tempfile
 
             self._spool = tempfile.SpooledTemporaryFile(max_size=1 << 22, mode="w+b")  # noqa: SIM115 (closed in discard())
-        # A lone surrogate ("\ud800" in the input) cannot be UTF-8: it stays as its escape.
-        self._spool.write(json.dumps(entry, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
+        self._spool.write(data)
+
+    def take(self) -> bytes:
+        """What is spooled, emptying the spool."""
+        if self._spool is None:
+            return b""
+        self._spool.seek(0)
+        data = self._spool.read()
+        self.discard()
+        return data
 
     def discard(self) -> None:
         if self._spool is not None:
@@ -2199,7 +2215,28 @@ class _Rejects:
 
     def close(self) -> None:
         self.discard()
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+class _Notes(NamedTuple):
+    """What the producer of a file should look at, said once per file; nothing of it is an error."""
+
+    extra_keys: int
+    extra_example: str | None
+    conflicting: int
+    conflict_example: str | None
+    seen_full: bool  # the memory of keys filled up: there may be more conflicting repeats
+
+    def warn(self, rel: str) -> None:
+        if self.extra_keys:
+            log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s", rel,
+                        self.extra_keys, "/".join(REQUIRED_KEYS), self.extra_example)
+        if self.conflicting:
+            more = " at least" if self.seen_full else ""
+            log.warning("%s:%s %d records repeat a key seen earlier in the file with a different value; "
+                        "the first was kept (e.g. %s)", rel, more, self.conflicting, self.conflict_example,
+                        extra={"fields": {"file": rel, "conflicting_repeats": self.conflicting}})
 
 
 class _FileRows:
@@ -2434,21 +2471,279 @@ class _FileRows:
         if self.extra_example is None:
             self.extra_example = ", ".join(sorted(k for k in obj if k not in REQUIRED_KEYS)[:5])
 
+    def notes(self) -> _Notes:
+        return _Notes(self.extra_keys, self.extra_example, self.conflicting, self.conflict_example,
+                      len(self.seen) >= DEDUPE_MAX_KEYS)
+
     def warn(self) -> None:
-        """Say once per file what the producer should look at; nothing of it is an error."""
-        if self.extra_keys:
-            log.warning("%s: %d records carry keys other than %s (ignored), e.g. %s", self.df.rel,
-                        self.extra_keys, "/".join(REQUIRED_KEYS), self.extra_example)
-        if self.conflicting:
-            more = " at least" if len(self.seen) >= DEDUPE_MAX_KEYS else ""
-            log.warning("%s:%s %d records repeat a key seen earlier in the file with a different value; "
-                        "the first was kept (e.g. %s)", self.df.rel, more, self.conflicting, self.conflict_example,
-                        extra={"fields": {"file": self.df.rel, "conflicting_repeats": self.conflicting}})
+        self.notes().warn(self.df.rel)
 
     def close(self) -> None:
         close = getattr(self.batches, "close", None)
         if close is not None:
             close()
+
+
+# --- reading ahead: the next files' rows, made by a helper process --------------------------
+# Frames on the helper's pipe: a type byte, the payload's length (4 bytes), the payload.
+_AHEAD_HEADER = 5
+_AHEAD_START, _AHEAD_LINES, _AHEAD_REJECTS, _AHEAD_PART, _AHEAD_END, _AHEAD_ERROR = b"S", b"L", b"R", b"P", b"F", b"E"
+AHEAD_PIPE_BYTES = 1 << 20  # what the helper may have made before the loader takes it (Linux)
+
+
+class _Batches:
+    """An iterator of (COPY text, number of lines): a part of a file made ahead (_AheadRows.part)."""
+
+    def __init__(self, batches: Iterator[tuple[str, int]]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> tuple[str, int]:
+        return next(self._batches)
+
+
+class _ReadAhead:
+    """The rows of the files to come, made by one helper process on the second core while this
+    one sends the file in flight.
+
+    With many small files the reading and the sending of a file cannot overlap much: each file's
+    first window is decoded before its COPY can start, and its last rows are made while the server
+    still works through the ones before. The helper makes for each file of its list in turn
+    exactly what _FileRows makes in this process (the same code, on a copy of the same state):
+    batches of COPY lines, each part's counts and rejects, the digest, the notes, or the error that
+    fails the file. It writes them to a pipe, as far ahead as the pipe holds.
+
+    The loader takes a file's frames only for a file it claimed to load from its first record, and
+    only if the file's size and mtime at its claim are those the helper saw before reading it: a
+    file written to meanwhile is read here, so the manifest never records a newer state than the
+    rows loaded. When it loads a file that is not next in the pipe (it skipped, found busy or
+    resumed one before, or gave one up half-read), it does not wait for the helper to get there:
+    a new helper starts at that file. If a helper ends in any other way, a file in flight is tried
+    again (_Lost), and this process reads every file after it: the helper can only save time.
+    """
+
+    def __init__(self, files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int) -> None:
+        self._files, self._args = files, (cfg, run_id, chunk_seconds)
+        self._index = {df.rel: i for i, df in enumerate(files)}
+        self._next = 0  # the first file whose frames are not read yet
+        self._open = False  # the file before it has frames left (given up, or read in part)
+        self._pid, self._reader = 0, None
+        self.gone = not self._fork(0)
+
+    @classmethod
+    def start(cls, files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int) -> _ReadAhead | None:
+        if len(files) < 2 or not hasattr(os, "fork"):
+            return None
+        ahead = cls(files, cfg, run_id, chunk_seconds)
+        return None if ahead.gone else ahead
+
+    def _fork(self, at: int) -> bool:
+        """A helper for the files from ``at`` on; False if none could be started."""
+        pipe = os.pipe()
+        with contextlib.suppress(ImportError, OSError):
+            import fcntl
+
+            fcntl.fcntl(pipe[1], getattr(fcntl, "F_SETPIPE_SZ", 1031), AHEAD_PIPE_BYTES)
+        stops = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the helper has its own handlers
+        try:
+            with warnings.catch_warnings():  # 3.12+: a fork with threads running is deprecated; the
+                warnings.simplefilter("ignore", DeprecationWarning)  # helper takes no lock they hold
+                pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            for fd in pipe:
+                os.close(fd)
+            return False
+        if pid == 0:  # the helper: no logging, no database, no exit handlers; ended by the loader
+            status = 1
+            try:
+                os.close(pipe[0])
+                signal.set_wakeup_fd(-1)  # a signal here must not reach the loader's watchdog
+                for sig in stops:  # a ^C reaches the whole group: the loader decides when to stop
+                    signal.signal(sig, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+                _read_ahead(self._files[at:], *self._args, pipe[1])
+                status = 0
+            finally:
+                os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        os.close(pipe[1])
+        self._pid, self._reader = pid, open(pipe[0], "rb", buffering=1 << 16)  # noqa: SIM115 (closed in _end())
+        self._next, self._open = at, False
+        return True
+
+    def take(self, df: DataFile, st: os.stat_result, rejects: _Rejects,
+             progress: Callable[[int], object] | None) -> _AheadRows | None:
+        """The file's rows as the helper made them, or None: read it in this process. ``st``: the
+        file's stat at its claim."""
+        at = self._index.get(df.rel)
+        if self.gone or at is None or at < self._next:
+            return None  # not the helper's, or taken before (a file tried again)
+        if self._open or at > self._next:  # frames to pass over: a new helper starts at this file
+            self._end()
+            if not self._fork(at):
+                self.gone = True
+                return None
+        self._next, self._open = at + 1, True
+        try:
+            kind, payload = self.frame()
+        except _Lost:
+            return None
+        if kind != _AHEAD_START or json.loads(payload) != [st.st_size, st.st_mtime_ns]:
+            return None  # changed since the helper looked at it (or it could not): passed over
+        return _AheadRows(self, df, rejects, progress)
+
+    def frame(self) -> tuple[bytes, bytes]:
+        """The next frame: (type, payload). _Lost if the helper ended (it is not used again)."""
+        if not self.gone:
+            header = self._reader.read(_AHEAD_HEADER)
+            if len(header) == _AHEAD_HEADER:
+                size = int.from_bytes(header[1:], "big")
+                payload = self._reader.read(size)
+                if len(payload) == size:
+                    return header[:1], payload
+            self.gone = True
+        raise _Lost("the read-ahead process ended")
+
+    def file_done(self) -> None:
+        self._open = False
+
+    def _end(self) -> None:
+        """End the helper (wherever it is) and reap it."""
+        self._reader.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._pid, 0)
+
+    def close(self) -> None:
+        if self._reader is not None and not self._reader.closed:
+            self._end()
+        self.gone = True
+
+
+class _AheadDigest:
+    def __init__(self) -> None:
+        self.hex = ""
+
+    def hexdigest(self) -> str:
+        return self.hex
+
+
+class _AheadRows:
+    """A file's rows as the read-ahead process made them: what _FileRows gives, from its frames."""
+
+    def __init__(self, ahead: _ReadAhead, df: DataFile, rejects: _Rejects,
+                 progress: Callable[[int], object] | None) -> None:
+        self.ahead, self.df, self.rejects, self.progress = ahead, df, rejects, progress
+        self.counts, self.done, self.finished = Counts(), 0, False
+        self.digest = _AheadDigest()
+        self._notes = _Notes(0, None, 0, None, False)
+
+    def part(self) -> _Batches:
+        return _Batches(self._part())
+
+    def _part(self) -> Iterator[tuple[str, int]]:
+        frame = self.ahead.frame
+        while True:
+            kind, payload = frame()
+            if kind == _AHEAD_LINES:
+                yield payload[4:].decode("utf-8"), int.from_bytes(payload[:4], "big")
+            elif kind == _AHEAD_REJECTS:
+                self.rejects.add_lines(payload)
+            elif kind == _AHEAD_PART:
+                read, rejected, duplicate, self.done, finished = json.loads(payload)
+                self.counts += Counts(records_read=read, records_rejected=rejected, rows_duplicate=duplicate)
+                if finished:
+                    kind, payload = frame()
+                    if kind != _AHEAD_END:
+                        raise _Lost("the read-ahead process sent an unexpected frame")
+                    size, self.digest.hex, *notes = json.loads(payload)
+                    self._notes, self.finished = _Notes(*notes), True
+                    self.ahead.file_done()
+                    if self.progress is not None:
+                        self.progress(size)
+                return
+            elif kind == _AHEAD_ERROR:
+                self.ahead.file_done()
+                error, message = json.loads(payload)
+                if error == "FileFormatError":
+                    raise FileFormatError(message)
+                if error == "FileReadError":
+                    raise FileReadError(message)
+                self.ahead.gone = True  # anything else: this process reads the file, and finds it too
+                raise _Lost(f"the read-ahead process failed ({message})")
+            else:
+                self.ahead.gone = True
+                raise _Lost("the read-ahead process sent an unexpected frame")
+
+    def take_counts(self) -> Counts:
+        counts, self.counts = self.counts, Counts()
+        return counts
+
+    def warn(self) -> None:
+        self._notes.warn(self.df.rel)
+
+    def close(self) -> None:
+        """Nothing to do: what is left of the file's frames is passed over by the next take()."""
+
+
+def _read_ahead(files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int, fd: int) -> None:
+    """In the helper: each file's frames, in turn (a closed pipe ends it: the loader is gone)."""
+    gc.disable()  # short-lived, and what it keeps is bounded per file
+    out = open(fd, "wb", buffering=1 << 16)  # noqa: SIM115 (the process ends with os._exit)
+    make_line, rejects = _LineMaker(cfg.source_tz), _Rejects(None, run_id)
+
+    def send(kind: bytes, payload: bytes) -> None:
+        out.write(kind + len(payload).to_bytes(4, "big"))
+        out.write(payload)
+
+    for df in files:
+        try:
+            st = os.stat(df.path)  # before the first byte is read, as the claim does
+            send(_AHEAD_START, json.dumps([st.st_size, st.st_mtime_ns]).encode())
+        except BrokenPipeError:
+            return
+        except OSError:
+            send(_AHEAD_START, b"[]")  # the loader reads it, and says why it cannot
+        rows = _FileRows(df, make_line, rejects, chunk_seconds)
+        try:
+            while not rows.finished:
+                batch: list[str] = []
+                for line in rows.part():
+                    batch.append(line)
+                    if len(batch) >= cfg.batch_size:
+                        send(_AHEAD_LINES, len(batch).to_bytes(4, "big") + "".join(batch).encode("utf-8"))
+                        batch = []
+                if batch:
+                    send(_AHEAD_LINES, len(batch).to_bytes(4, "big") + "".join(batch).encode("utf-8"))
+                counts, reject_lines = rows.take_counts(), rejects.take()
+                if reject_lines:
+                    send(_AHEAD_REJECTS, reject_lines)
+                send(_AHEAD_PART, json.dumps([counts.records_read, counts.records_rejected, counts.rows_duplicate,
+                                              rows.done, rows.finished]).encode())
+                out.flush()  # the loader commits the part when it has this frame
+            send(_AHEAD_END, json.dumps([rows.digest.size, rows.digest.hexdigest(), *rows.notes()]).encode())
+            out.flush()
+        except (FileFormatError, FileReadError) as exc:
+            rejects.discard()
+            send(_AHEAD_ERROR, json.dumps([type(exc).__name__, str(exc)]).encode())
+            out.flush()
+        except BrokenPipeError:
+            return  # the loader is gone
+        except OSError as exc:
+            rejects.discard()
+            send(_AHEAD_ERROR, json.dumps(["FileReadError", f"I/O error: {exc.strerror or exc}"]).encode())
+            out.flush()
+        except BaseException as exc:  # noqa: BLE001 (the loader reads the file itself, and meets it there)
+            send(_AHEAD_ERROR, json.dumps(["other", f"{type(exc).__name__}: {exc}"[:500]]).encode())
+            out.flush()
+            return
+        finally:
+            rows.close()
 
 
 def _reason_as_written(text: str, exc: ValidationError, tz: dt.tzinfo) -> str:
@@ -2663,8 +2958,18 @@ class _CopySource:
 
     def _produce(self) -> None:
         try:
+            lines = self._lines
+            if type(lines) is _Batches:  # batches made ahead (_ReadAhead), as they came
+                if not self._numbered:
+                    for item in lines:
+                        self._queue.put(item)
+                        if self._stop.is_set():
+                            return
+                    self._queue.put(None)
+                    return
+                lines = (line + "\n" for text, _ in lines for line in text.split("\n")[:-1])
             batch: list[str] = []
-            lines = (f"{n}\t{line}" for n, line in enumerate(self._lines, 1)) if self._numbered else self._lines
+            lines = (f"{n}\t{line}" for n, line in enumerate(lines, 1)) if self._numbered else lines
             for line in lines:
                 batch.append(line)
                 if len(batch) >= self._batch:
@@ -3085,6 +3390,7 @@ class _Loader:
         self.rejects = _Rejects(cfg.reject_file, run_id)
         self.make_line = _LineMaker(cfg.source_tz)
         self.conn = None
+        self.ahead: _ReadAhead | None = None  # the helper making the next files' rows (read_ahead)
         self.heartbeat_at = time.monotonic()
         self.in_file = False  # inside a claimed file's transaction, after its savepoint
         self.committed = (0, Counts())  # the file in flight: records done and counts, as committed
@@ -3095,8 +3401,7 @@ class _Loader:
         claim = self._claim(conn, df, wait_ms)
         if isinstance(claim, FileResult):
             return claim  # unchanged, unchanged and bad, or another loader's
-        rows = _FileRows(df, self.make_line, self.rejects, self.chunk_seconds, claim.resume_after,
-                         self.progress.reading(df) if self.progress else None, self.helper)
+        rows = self._rows(df, claim)
         total, here = claim.counts, Counts()  # the file's counts (earlier runs' parts too), this run's
         try:
             while True:
@@ -3119,6 +3424,16 @@ class _Loader:
             rows.close()
         rows.warn()
         return FileResult(df.rel, "loaded", here)
+
+    def _rows(self, df: DataFile, claim: _Claim) -> _FileRows | _AheadRows:
+        """The file's rows: made ahead by the helper process when it has them, else read here."""
+        progress = self.progress.reading(df) if self.progress else None
+        if self.ahead is not None and claim.resume_after == 0:
+            rows = self.ahead.take(df, claim.stat, self.rejects, progress)
+            if rows is not None:
+                return rows
+        return _FileRows(df, self.make_line, self.rejects, self.chunk_seconds, claim.resume_after, progress,
+                         self.helper)
 
     def _claim(self, conn, df: DataFile, wait_ms: int) -> _Claim | FileResult:
         try:
@@ -3194,6 +3509,7 @@ class _Loader:
             try:
                 result = self._known_unchanged(df) or self._attempt(df, wait_ms, retrying=attempt > 1)
             except _Lost as lost:
+                self.rejects.discard()  # the file starts over
                 self._drop_connection()
                 if attempt == RETRY_ATTEMPTS:
                     raise DatabaseError(f"while loading {df.rel}: {lost} (gave up after {attempt} attempts)") from None
@@ -3310,8 +3626,18 @@ class _Loader:
                 with self.stop.watching(conn):
                     _heartbeat(conn, self.run_id)
 
+    def read_ahead(self, files: list[DataFile]) -> None:
+        """Start the helper process that makes the rows of those of ``files`` this run will load
+        (not known unchanged) ahead of the loader. Files big enough for the far half's helper
+        (FAR_HALF_MIN_BYTES) are read here, with it."""
+        ahead = [df for df in files if df.error is None and df.kind != "ignored" and self._known_unchanged(df) is None
+                 and _size_or_zero(df.path) < FAR_HALF_MIN_BYTES]
+        self.ahead = _ReadAhead.start(ahead, self.cfg, self.run_id, self.chunk_seconds)
+
     def close(self) -> None:
         """End the connection: a last synchronous commit makes every earlier one durable."""
+        if self.ahead is not None:
+            self.ahead.close()
         self.rejects.close()
         if self.conn is None or self.conn.closed:
             return
@@ -3475,6 +3801,7 @@ def _load_sequential(cfg: Config, run_id: int, files: list[DataFile], summary: S
                      progress: _Progress | None, known: dict, chunk_seconds: int) -> None:
     loader = _Loader(cfg, run_id, stop, chunk_seconds, known, progress, helper=True)
     try:
+        loader.read_ahead(files)
         for result in _load_each(loader, files, stop):
             _report(summary, result, progress)
     finally:
