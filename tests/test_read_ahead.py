@@ -223,26 +223,27 @@ def test_a_bug_in_the_helper_is_met_again_by_the_loader(run, db, other_db, caplo
 
 
 def test_files_the_loader_does_not_load_from_their_start_are_passed_over(run, db, monkeypatch, taken, helper_pids):
-    """Unchanged files are not given to the helper; a file the claim finds loaded meanwhile (by
-    another loader, say) is passed over: a new helper starts at the next file, whose rows are
-    still made ahead."""
+    """Unchanged files are not given to the helper (it starts at the first file the run loads); a
+    file the claim finds loaded meanwhile (by another loader, say) is passed over: a new helper
+    starts at the next file, whose rows are still made ahead."""
     write_mixed(run)
     assert run() == 1
-    (run.data / "a/08.json").write_text(json.dumps([rec(user="u9", ts=_day(9, 1))]))
+    run.write("a/05.json", [rec(user="u9", ts=_day(9, 3))])
+    run.write("b/08.json", [rec(user="u9", ts=_day(9, 1))])
     run.write("c/09.json", [rec(user="u9", ts=_day(9, 2))])
     taken.clear()
     real = ingest._Loader._claim
 
     def claim(self, conn, df, wait_ms):
-        if df.rel == "a/08.json":
+        if df.rel == "b/08.json":
             return ingest.FileResult(df.rel, "skipped")  # as if another loader had just loaded it
         return real(self, conn, df, wait_ms)
 
     monkeypatch.setattr(ingest._Loader, "_claim", claim)
     assert run() == 1  # the files that failed in the first run are still failed
-    assert taken == ["c/09.json"]
-    assert len(helper_pids) == 2 + 1 and reaped(helper_pids)  # the first run's, this run's two
-    assert db.query("SELECT count(*) FROM raw_data WHERE user_id = 'u9'") == [(1,)]
+    assert taken == ["a/05.json", "c/09.json"]
+    assert len(helper_pids) == 1 + 2 and reaped(helper_pids)  # the first run's, this run's two
+    assert db.query("SELECT count(*) FROM raw_data WHERE user_id = 'u9'") == [(2,)]
 
 
 def test_a_file_written_to_after_the_helper_read_it_is_read_again_by_the_loader(run, db, monkeypatch, taken):
@@ -261,7 +262,7 @@ def test_a_file_written_to_after_the_helper_read_it_is_read_again_by_the_loader(
 
     def claim(self, conn, df, wait_ms):
         deadline = time.monotonic() + 30
-        while df.rel == "a.json" and not marker.exists() and time.monotonic() < deadline:
+        while df.rel == "b.json" and not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         return real_claim(self, conn, df, wait_ms)
 
