@@ -869,6 +869,40 @@ class _Settled(NamedTuple):
     end: int
 
 
+def _fork_helper(work: Callable[[int], None], on_stop: signal.Handlers) -> tuple[int, int] | None:
+    """Fork a helper process that runs ``work(fd)``, ``fd`` the write end of a pipe, and ends;
+    return (its pid, the read end), or None if no process could be started. The helper logs
+    nothing, touches no database, takes no lock the loader's threads may hold and runs no exit
+    handlers; SIGINT and SIGTERM get ``on_stop`` there, never the loader's watchdog."""
+    pipe = os.pipe()
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the helper has its own handlers
+    try:
+        with warnings.catch_warnings():  # 3.12+: a fork with threads running is deprecated; the
+            warnings.simplefilter("ignore", DeprecationWarning)  # helper takes no lock they hold
+            pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        for fd in pipe:
+            os.close(fd)
+        return None
+    if pid == 0:
+        status = 1
+        try:
+            os.close(pipe[0])
+            signal.set_wakeup_fd(-1)
+            for sig in stops:
+                signal.signal(sig, on_stop)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            work(pipe[1])
+            status = 0
+        finally:
+            os._exit(status)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    os.close(pipe[1])
+    return pid, pipe[0]
+
+
 class _FarHalf:
     """The far half of a large JSON array, settled by a helper process on the second core.
 
@@ -896,38 +930,19 @@ class _FarHalf:
         start = _record_start(reader.fd, reader.done + (reader.size - reader.done) * 9 // 20)
         if start is None:
             return None
-        pipe = os.pipe()
-        stops = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the helper has its own handlers
-        try:
-            with warnings.catch_warnings():  # 3.12+: a fork with threads running is deprecated;
-                warnings.simplefilter("ignore", DeprecationWarning)  # the helper uses no lock (below)
-                pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-            for fd in pipe:
-                os.close(fd)
+
+        def work(fd: int) -> None:
+            gc.disable()
+            end, count, conflicting = _settle_far_half(reader.fd, start, reader.size, settle)
+            report = json.dumps([end, count, conflicting, example()]).encode()
+            while report:
+                report = report[os.write(fd, report) :]
+
+        forked = _fork_helper(work, signal.SIG_DFL)
+        if forked is None:
             return None
-        if pid == 0:  # the helper: no logging, no I/O but its own reads and the pipe, no exit handlers
-            status = 1
-            try:
-                os.close(pipe[0])
-                signal.set_wakeup_fd(-1)  # a signal here must not reach the loader's watchdog
-                for sig in stops:
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-                gc.disable()
-                end, count, conflicting = _settle_far_half(reader.fd, start, reader.size, settle)
-                report = json.dumps([end, count, conflicting, example()]).encode()
-                while report:
-                    report = report[os.write(pipe[1], report) :]
-                status = 0
-            finally:
-                os._exit(status)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-        os.close(pipe[1])
         reader.limit = start
-        return cls(reader, start, pid, pipe[0])
+        return cls(reader, start, *forked)
 
     def join(self) -> _Settled | None:
         """Wait for the helper's report; None if it failed."""
@@ -2543,38 +2558,19 @@ class _ReadAhead:
         return None if ahead.gone else ahead
 
     def _fork(self, at: int) -> bool:
-        """A helper for the files from ``at`` on; False if none could be started."""
-        pipe = os.pipe()
-        with contextlib.suppress(ImportError, OSError):
-            import fcntl
+        """A helper for the files from ``at`` on; False if none could be started. A ^C reaches
+        the whole process group: the helper ignores it, the loader decides when to stop."""
+        def work(fd: int) -> None:
+            with contextlib.suppress(ImportError, OSError):
+                import fcntl
 
-            fcntl.fcntl(pipe[1], getattr(fcntl, "F_SETPIPE_SZ", 1031), AHEAD_PIPE_BYTES)
-        stops = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # until the helper has its own handlers
-        try:
-            with warnings.catch_warnings():  # 3.12+: a fork with threads running is deprecated; the
-                warnings.simplefilter("ignore", DeprecationWarning)  # helper takes no lock they hold
-                pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-            for fd in pipe:
-                os.close(fd)
+                fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), AHEAD_PIPE_BYTES)
+            _read_ahead(self._files[at:], *self._args, fd)
+
+        forked = _fork_helper(work, signal.SIG_IGN)
+        if forked is None:
             return False
-        if pid == 0:  # the helper: no logging, no database, no exit handlers; ended by the loader
-            status = 1
-            try:
-                os.close(pipe[0])
-                signal.set_wakeup_fd(-1)  # a signal here must not reach the loader's watchdog
-                for sig in stops:  # a ^C reaches the whole group: the loader decides when to stop
-                    signal.signal(sig, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-                _read_ahead(self._files[at:], *self._args, pipe[1])
-                status = 0
-            finally:
-                os._exit(status)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
-        os.close(pipe[1])
-        self._pid, self._reader = pid, open(pipe[0], "rb", buffering=1 << 16)  # noqa: SIM115 (closed in _end())
+        self._pid, self._reader = forked[0], open(forked[1], "rb", buffering=1 << 16)  # noqa: SIM115 (closed in _end())
         self._next, self._open = at, False
         return True
 
