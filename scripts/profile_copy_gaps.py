@@ -52,14 +52,14 @@ def instrument(ingest) -> dict[str, float]:
             now["last"] = t
         return text
 
-    def timed_copy(self, cur, sql):
+    def timed_copy(self, cur, sql, **kw):
         t = time.perf_counter()
         if "end" in now:
             gaps["between"] += t - now["end"]
         now.clear()
         now["start"] = t
         try:
-            return copy(self, cur, sql)
+            return copy(self, cur, sql, **kw)
         finally:
             end = time.perf_counter()
             gaps["copies"] += 1
