@@ -1027,6 +1027,11 @@ def _bad_gzip(exc: BaseException) -> bool:
     return gzip is not None and isinstance(exc, gzip.BadGzipFile)
 
 
+def _io_error(exc: OSError) -> FileReadError:
+    """An I/O error met while a file was loaded but not in its bytes (a spool on a full disk, say)."""
+    return FileReadError(f"I/O error: {exc.strerror or exc}")
+
+
 def _describe_read_error(exc: BaseException, gzipped: bool) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return f"not valid {exc.encoding} text ({exc.reason} at byte {exc.start})"
@@ -2711,14 +2716,8 @@ def _read_ahead(files: list[DataFile], cfg: Config, run_id: int | None, chunk_se
         rows = _FileRows(df, make_line, rejects, chunk_seconds)
         try:
             while not rows.finished:
-                batch: list[str] = []
-                for line in rows.part():
-                    batch.append(line)
-                    if len(batch) >= cfg.batch_size:
-                        send(_AHEAD_LINES, len(batch).to_bytes(4, "big") + "".join(batch).encode("utf-8"))
-                        batch = []
-                if batch:
-                    send(_AHEAD_LINES, len(batch).to_bytes(4, "big") + "".join(batch).encode("utf-8"))
+                for text, count in _joined(rows.part(), cfg.batch_size):
+                    send(_AHEAD_LINES, count.to_bytes(4, "big") + text.encode("utf-8"))
                 counts, reject_lines = rows.take_counts(), rejects.take()
                 if reject_lines:
                     send(_AHEAD_REJECTS, reject_lines)
@@ -2735,7 +2734,7 @@ def _read_ahead(files: list[DataFile], cfg: Config, run_id: int | None, chunk_se
             return  # the loader is gone
         except OSError as exc:
             rejects.discard()
-            send(_AHEAD_ERROR, json.dumps(["FileReadError", f"I/O error: {exc.strerror or exc}"]).encode())
+            send(_AHEAD_ERROR, json.dumps(["FileReadError", str(_io_error(exc))]).encode())
             out.flush()
         except BaseException as exc:  # noqa: BLE001 (the loader reads the file itself, and meets it there)
             send(_AHEAD_ERROR, json.dumps(["other", f"{type(exc).__name__}: {exc}"[:500]]).encode())
@@ -2927,6 +2926,18 @@ def check_table(conn) -> int:
     return int(found[0]) if found and found[0] else 86_400
 
 
+def _joined(lines: Iterable[str], size: int) -> Iterator[tuple[str, int]]:
+    """COPY lines joined ``size`` at a time: (text, number of lines)."""
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) >= size:
+            yield "".join(batch), len(batch)
+            batch = []
+    if batch:
+        yield "".join(batch), len(batch)
+
+
 class _CopySource:
     """File-like object whose read() hands copy_expert the next batch of COPY lines.
 
@@ -2961,27 +2972,19 @@ class _CopySource:
     def _produce(self) -> None:
         try:
             lines = self._lines
-            if type(lines) is _Batches:  # batches made ahead (_ReadAhead), as they came
-                if not self._numbered:
-                    for item in lines:
-                        self._queue.put(item)
-                        if self._stop.is_set():
-                            return
-                    self._queue.put(None)
+            if type(lines) is _Batches and not self._numbered:
+                batches = lines  # made ahead (_ReadAhead), as they came
+            else:
+                if type(lines) is _Batches:  # numbered: each line of them gets its number
+                    lines = (line + "\n" for text, _ in lines for line in text.split("\n")[:-1])
+                if self._numbered:
+                    lines = (f"{n}\t{line}" for n, line in enumerate(lines, 1))
+                batches = _joined(lines, self._batch)
+            for item in batches:
+                self._queue.put(item)
+                if self._stop.is_set():
                     return
-                lines = (line + "\n" for text, _ in lines for line in text.split("\n")[:-1])
-            batch: list[str] = []
-            lines = (f"{n}\t{line}" for n, line in enumerate(lines, 1)) if self._numbered else lines
-            for line in lines:
-                batch.append(line)
-                if len(batch) >= self._batch:
-                    self._queue.put(("".join(batch), len(batch)))
-                    batch = []
-                    if self._stop.is_set():
-                        return
-            self._queue.put(("".join(batch), len(batch)) if batch else None)
-            if batch:
-                self._queue.put(None)
+            self._queue.put(None)
         except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
             self._queue.put(exc)
 
@@ -3431,10 +3434,10 @@ class _Loader:
     def _rows(self, df: DataFile, claim: _Claim) -> _FileRows | _AheadRows:
         """The file's rows: made ahead by the helper process when it has them, else read here."""
         progress = self.progress.reading(df) if self.progress else None
-        if self.ahead_files is not None and claim.resume_after == 0:
-            self._start_read_ahead(df)
-        if self.ahead is not None and claim.resume_after == 0:
-            rows = self.ahead.take(df, claim.stat, self.rejects, progress)
+        if claim.resume_after == 0:  # (a file resumed is read here, from its start, to the records to skip)
+            if self.ahead_files is not None:
+                self._start_read_ahead(df)
+            rows = self.ahead.take(df, claim.stat, self.rejects, progress) if self.ahead is not None else None
             if rows is not None:
                 return rows
         return _FileRows(df, self.make_line, self.rejects, self.chunk_seconds, claim.resume_after, progress,
@@ -3554,7 +3557,7 @@ class _Loader:
         except (FileFormatError, FileReadError) as exc:
             return self._fail(df, exc, "failed" if isinstance(exc, FileFormatError) else "error")
         except OSError as exc:  # a spool on a full disk, say: the file's problem, tried again next run
-            return self._fail(df, FileReadError(f"I/O error: {exc.strerror or exc}"), "error")
+            return self._fail(df, _io_error(exc), "error")
         except ConnectError as exc:
             if exc.exit_code == EXIT_USAGE:
                 raise
