@@ -592,7 +592,8 @@ class RecordStream:
 
     def raw(self, position: int) -> str:
         if self._batch is None:  # a record a Fitbit reader made: its mapped form is its text
-            return json.dumps(self._record, ensure_ascii=False)
+            record = self._records[position - self._first]
+            return record.text if type(record) is Unparsable else json.dumps(_plain(record), ensure_ascii=False)
         return self._batch.item(position - self._first)
 
     def _one(self, position: int, text: str) -> None:
@@ -702,10 +703,29 @@ class RecordStream:
 
     # --- Fitbit exports and API responses: records mapped from the source's own shape ---------
     def _fitbit(self, text: io.TextIOBase) -> Iterator[tuple[int, list]]:
-        self._batch = None
+        """The mapped records in batches, as a JSON array's windows are: consecutive records with
+        a number for a value as Records (so that a batch of new or repeated keys is settled in
+        bulk, _FileRows.part), anything else alone, as the reader made it."""
+        self._batch, record_type, batch = None, _typed().Record, []
         for position, record in read_fitbit(self.df.kind, text, self.df.user_id or ""):
-            self._record = record if type(record) is not Unparsable else record.text
-            yield position, [record]
+            if type(record) is dict and type(record["value"]) in (int, float) and type(record["timestamp"]) is str:
+                if batch and position != self._first + len(batch):
+                    yield self._first, batch
+                    batch = []
+                if not batch:
+                    self._records, self._first = batch, position
+                batch.append(record_type(record["user_id"], record["metric"], record["timestamp"], record["value"]))
+                if len(batch) >= FITBIT_BATCH_RECORDS:
+                    yield self._first, batch
+                    batch = []
+                continue
+            if batch:
+                yield self._first, batch
+                batch = []
+            self._records, self._first = [record], position
+            yield position, self._records
+        if batch:
+            yield self._first, batch
 
     # --- JSON Lines: one record per line; a bad line is a rejected record ---------------------
     def _lines(self, text: io.TextIOBase) -> Iterator[tuple[int, list]]:
@@ -1434,6 +1454,7 @@ def _unloadable(entry: os.DirEntry, path: Path, root: Path, rel: str) -> str | N
 # their sources: docs/fitbit.md.
 FITBIT_MAX_API_BODY_CHARS = 64 * 1024 * 1024  # an API response body is read whole; larger fails the file
 FITBIT_MAX_CSV_FIELD_CHARS = 64 * 1024
+FITBIT_BATCH_RECORDS = 2048  # mapped records handed on together (RecordStream._fitbit)
 FITBIT_MAX_SHOWN_CHARS = 4096  # Unparsable.text is cut here (the loader cuts again, to 1,000)
 
 # ---------------------------------------------------------------------------------------------
