@@ -146,3 +146,27 @@ def test_dry_run_on_a_generated_export_prints_a_line_per_source(run, db, export,
         assert f"by source {kind}: files " in err
     assert json.loads(run.summary_path.read_text())["sources"]["api-br"]["records_read"] == \
         export["api"]["counts"]["breath_rate"]
+
+
+def test_a_long_takeout_file_keeps_positions_reasons_and_first_wins_across_its_batches(run, db):
+    """Mapped records go on in batches (FITBIT_BATCH_RECORDS): a bad record anywhere in a batch is
+    rejected alone, at its own position, with its own mapped text; a repeat is dropped even when
+    its first occurrence was in an earlier batch."""
+    start = dt.datetime(2023, 1, 1, tzinfo=dt.UTC)
+    items = [{"dateTime": (start + dt.timedelta(seconds=5 * i)).strftime("%m/%d/%y %H:%M:%S"),
+              "value": {"bpm": 60 + i % 50, "confidence": 2}} for i in range(5000)]
+    items[9]["value"]["bpm"] = None  # position 10: not a number (handed on alone)
+    items[2999]["value"]["bpm"] = 900  # position 3000: a number, out of range (inside a batch)
+    items[4499]["dateTime"] = "02/30/23 00:00:10"  # position 4500: no such day (inside a batch)
+    items[2049] = {"dateTime": items[0]["dateTime"], "value": {"bpm": 99, "confidence": 2}}  # repeats position 1
+    run.write("Takeout/Fitbit/Global Export Data/heart_rate-2023-01-01.json", items)
+    assert run("--user-id", "u1") == 1
+    s = run.summary()
+    assert (s["records_read"], s["records_rejected"], s["rows_inserted"], s["rows_duplicate"]) == (5000, 3, 4996, 1)
+    rejects = run.reject_lines()
+    assert [r["position"] for r in rejects] == [10, 3000, 4500]
+    assert "value must be a number, got null" in rejects[0]["reason"]
+    assert "900" in rejects[1]["reason"] and json.loads(rejects[1]["record"])["value"] == 900
+    assert json.loads(rejects[2]["record"])["timestamp"] == "2023-02-30T00:00:10Z"
+    assert db.count() == 4996
+    assert db.query('SELECT value FROM raw_data WHERE "timestamp" = %s', (start,)) == [(60.0,)]
