@@ -2210,17 +2210,12 @@ class Counts:
         return Counts(*self.as_dict().values())
 
     def __iadd__(self, other: Counts) -> Counts:  # noqa: PYI034
-        self.records_read += other.records_read
-        self.records_rejected += other.records_rejected
-        self.rows_inserted += other.rows_inserted
-        self.rows_updated += other.rows_updated
-        self.rows_duplicate += other.rows_duplicate
+        for name in _COUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
     def as_dict(self) -> dict[str, int]:
-        return {"records_read": self.records_read, "records_rejected": self.records_rejected,
-                "rows_inserted": self.rows_inserted, "rows_updated": self.rows_updated,
-                "rows_duplicate": self.rows_duplicate}
+        return {name: getattr(self, name) for name in _COUNT_FIELDS}
 
 
 class _Rejects:
