@@ -708,22 +708,17 @@ class RecordStream:
         bulk, _FileRows.part), anything else alone, as the reader made it."""
         self._batch, record_type, batch = None, _typed().Record, []
         for position, record in read_fitbit(self.df.kind, text, self.df.user_id or ""):
-            if type(record) is dict and type(record["value"]) in (int, float) and type(record["timestamp"]) is str:
-                if batch and position != self._first + len(batch):
-                    yield self._first, batch
-                    batch = []
-                if not batch:
-                    self._records, self._first = batch, position
-                batch.append(record_type(record["user_id"], record["metric"], record["timestamp"], record["value"]))
-                if len(batch) >= FITBIT_BATCH_RECORDS:
-                    yield self._first, batch
-                    batch = []
-                continue
-            if batch:
+            numeric = type(record) is dict and type(record["value"]) in (int, float) and type(record["timestamp"]) is str
+            if batch and (not numeric or position != self._first + len(batch) or len(batch) >= FITBIT_BATCH_RECORDS):
                 yield self._first, batch
                 batch = []
-            self._records, self._first = [record], position
-            yield position, self._records
+            if not numeric:
+                self._records, self._first = [record], position
+                yield position, self._records
+                continue
+            if not batch:
+                self._records, self._first = batch, position
+            batch.append(record_type(record["user_id"], record["metric"], record["timestamp"], record["value"]))
         if batch:
             yield self._first, batch
 
