@@ -2999,6 +2999,8 @@ class _CopySource:
     spool, so that after a key conflict the same rows can be sent again (``replay``) without
     reading the file again. ``watch`` (the connection's socket) ends a COPY early when the server
     speaks in the middle of it (an error, usually), instead of sending the rest of the file first.
+    Batches made ahead by the read-ahead process (_Batches) are only taken off its pipe: read()
+    takes them itself, with no thread (starting one cost more than it saved, at every file).
     """
 
     def __init__(self, lines: Iterator[str], batch_size: int, keep: bool, pulse: Callable[[], None],
@@ -3016,6 +3018,10 @@ class _CopySource:
         else:
             self._spool = None
         self._keeping, self._replaying = keep, False
+        self._made: Iterator[tuple[str, int]] | None = None  # batches read() takes itself
+        if type(lines) is _Batches and not numbered:
+            self._made, self._thread = lines, None
+            return
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="copy-producer", daemon=True)
@@ -3024,15 +3030,11 @@ class _CopySource:
     def _produce(self) -> None:
         try:
             lines = self._lines
-            if type(lines) is _Batches and not self._numbered:
-                batches = lines  # made ahead (_ReadAhead), as they came
-            else:
-                if type(lines) is _Batches:  # numbered: each line of them gets its number
-                    lines = (line + "\n" for text, _ in lines for line in text.split("\n")[:-1])
-                if self._numbered:
-                    lines = (f"{n}\t{line}" for n, line in enumerate(lines, 1))
-                batches = _joined(lines, self._batch)
-            for item in batches:
+            if type(lines) is _Batches:  # numbered: each line of them gets its number
+                lines = (line + "\n" for text, _ in lines for line in text.split("\n")[:-1])
+            if self._numbered:
+                lines = (f"{n}\t{line}" for n, line in enumerate(lines, 1))
+            for item in _joined(lines, self._batch):
                 self._queue.put(item)
                 if self._stop.is_set():
                     return
@@ -3049,7 +3051,14 @@ class _CopySource:
             self._replaying = False
         if self.exhausted or (self.watch is not None and select.select([self.watch], [], [], 0)[0]):
             return ""  # ends this COPY; the server's answer says why it spoke
-        item = self._queue.get()
+        if self._made is not None:
+            try:
+                item = next(self._made, None)
+            except BaseException as exc:
+                self.exhausted, self.error = True, exc
+                raise
+        else:
+            item = self._queue.get()
         if item is None:
             self.exhausted = True
             return ""
@@ -3090,11 +3099,12 @@ class _CopySource:
                 self.watch = None
 
     def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)  # unblock a producer waiting to put
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            while self._thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get(timeout=0.05)  # unblock a producer waiting to put
+            self._thread.join()
         close = getattr(self._lines, "close", None)
         if close is not None:
             close()
@@ -3424,6 +3434,7 @@ UPDATE ingest_files SET size = %(size)s, mtime_ns = %(mtime_ns)s, sha256 = %(sha
     rows_duplicate = %(rows_duplicate)s, loaded_at = now(), run_id = %(run_id)s
 WHERE path = %(path)s
 """
+_MANIFEST_COMMIT = f"{_MANIFEST_UPDATE}; COMMIT; BEGIN"  # (see _Loader._commit)
 
 
 class _Lost(Exception):
@@ -3475,8 +3486,7 @@ class _Loader:
                 here += part
                 status = "loaded" if rows.finished else "partial"
                 sha256 = rows.digest.hexdigest() if rows.finished else None
-                self._record(conn, df, claim.stat, status, total, rows.done, sha256)
-                self._commit(conn)  # the part's rejects first, then its rows and manifest row
+                self._commit(conn, df, claim.stat, status, total, rows.done, sha256)
                 self.committed = (rows.done, total.copy())
                 if rows.finished:
                     break
@@ -3543,22 +3553,22 @@ class _Loader:
                 return False
         return True
 
-    def _record(self, conn, df: DataFile, st: os.stat_result, status: str, counts: Counts, done: int,
+    def _commit(self, conn, df: DataFile, st: os.stat_result, status: str, counts: Counts, done: int,
                 sha256: str | None, error: str | None = None) -> None:
-        with conn.cursor() as cur:
-            cur.execute(_MANIFEST_UPDATE, {"path": df.rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                           "sha256": sha256, "status": status, "error": error, "records_done": done,
-                                           "run_id": self.run_id, **counts.as_dict()})
-
-    def _commit(self, conn) -> None:
-        """Rejects are written before the rows commit: if they cannot be, the file rolls back
-        (nothing is lost; a crash between the two can repeat reject lines, never rows)."""
+        """Record the file (or its part) in the manifest and commit it with its rows, in one round
+        trip that also begins the next transaction (psycopg2, which does not see the COMMIT, takes
+        the connection to be in the same one; close() commits it, empty, at the end). Rejects are
+        written first: if they cannot be, the file rolls back (nothing is lost; a failure between
+        the two can repeat reject lines, never rows)."""
         try:
             self.rejects.publish()
         except RejectFileError:
             _rollback(conn)
             raise
-        conn.commit()
+        with conn.cursor() as cur:
+            cur.execute(_MANIFEST_COMMIT, {"path": df.rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                           "sha256": sha256, "status": status, "error": error, "records_done": done,
+                                           "run_id": self.run_id, **counts.as_dict()})
         self.in_file = False
 
     # --- around the pipeline: retries and failures -----------------------------------------------
@@ -3643,8 +3653,7 @@ class _Loader:
                 with conn.cursor() as cur:
                     cur.execute("ROLLBACK TO SAVEPOINT ingest_file")
                 done, counts = self.committed
-                self._record(conn, df, df.path.stat(), status, counts, done, None, reason)
-                self._commit(conn)
+                self._commit(conn, df, df.path.stat(), status, counts, done, None, reason)
                 return result
             except (OSError, _psycopg2().Error):
                 pass  # the failure is still reported; the file is tried again next run
@@ -3715,7 +3724,9 @@ class _Loader:
         psycopg2 = _psycopg2()
         try:
             with self.stop.watching(self.conn, grace=END_GRACE_SECONDS):
-                if self.conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                status = self.conn.info.transaction_status
+                if status == psycopg2.extensions.TRANSACTION_STATUS_IDLE or (
+                        status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS and not self.in_file):
                     with self.conn.cursor() as cur:
                         # Files commit without waiting for their WAL flush (a crash can undo the
                         # last fraction of a second of commits: whole files with their manifest
