@@ -35,7 +35,6 @@ import re
 import select
 import signal
 import stat
-import struct
 import sys
 import threading
 import time
@@ -535,63 +534,6 @@ _UTC_TEXT_OF, _EPOCH_OF = operator.itemgetter(0), operator.itemgetter(1)  # of a
 _TZINFO_OF = operator.attrgetter("tzinfo")
 _CANONICAL_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(Z|\+00:00)?", re.ASCII)
 _EPOCH, _SECOND = dt.datetime(1970, 1, 1), dt.timedelta(seconds=1)
-
-
-class _BinaryRows:
-    """COPY text lines -> the same rows in COPY's binary format, which the server stores without
-    parsing a timestamp and a number per row (docs/benchmarks.md: about a tenth less of its work
-    on unique keys, the part of a load it bounds). The read-ahead process makes them, on the
-    second core. A batch is split in bulk, and each user, metric, timestamp and value is made into
-    its binary field once and remembered (bounded), so a row costs a few look-ups. The text lines
-    stay what the rest of the loader works with (keys, dedupe, rejects)."""
-
-    HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no header extension
-
-    def __init__(self) -> None:
-        self.users: dict[str, bytes] = {}  # escaped user_id -> field count, then its field
-        self.metrics: dict[str, bytes] = {}  # metric -> its field (length, UTF-8)
-        self.stamps: dict[str, bytes] = {}  # UTC timestamp text -> length, microseconds since 2000
-        self.values: dict[str, bytes] = {}  # value text -> length, IEEE double
-
-    def __call__(self, text: str) -> bytes:
-        """A batch of whole COPY text lines (each ending in "\n") as binary rows."""
-        fields = text.replace("\n", "\t").split("\t")
-        fields.pop()  # after the last line's "\n"
-        made = []
-        for column, table, make in ((fields[0::4], self.users, self._user), (fields[1::4], self.metrics, self._metric),
-                                    (fields[2::4], self.stamps, self._stamp), (fields[3::4], self.values, self._value)):
-            parts = list(map(table.get, column))
-            if None in parts:
-                if len(table) + len(column) > 100_000:
-                    table.clear()
-                parts = [part or make(item) for part, item in zip(parts, column)]
-            made.append(parts)
-        return b"".join(itertools.chain.from_iterable(zip(*made)))
-
-    def _user(self, escaped: str) -> bytes:
-        raw = _COPY_UNESCAPE.sub(lambda m: _COPY_UNESCAPES[m.group()], escaped).encode()
-        part = self.users[escaped] = b"\0\x04" + len(raw).to_bytes(4, "big") + raw
-        return part
-
-    def _metric(self, metric: str) -> bytes:
-        raw = metric.encode()
-        part = self.metrics[metric] = len(raw).to_bytes(4, "big") + raw
-        return part
-
-    def _stamp(self, text: str) -> bytes:
-        micros = (dt.datetime.fromisoformat(text) - _PG_EPOCH) // _MICROSECOND
-        part = self.stamps[text] = b"\0\0\0\x08" + micros.to_bytes(8, "big", signed=True)
-        return part
-
-    def _value(self, text: str) -> bytes:
-        part = self.values[text] = b"\0\0\0\x08" + _DOUBLE.pack(float(text))
-        return part
-
-
-_COPY_UNESCAPES = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}  # _COPY_ESCAPES undone
-_COPY_UNESCAPE = re.compile(r"\\[\\tnr]")
-_PG_EPOCH, _MICROSECOND = dt.datetime(2000, 1, 1, tzinfo=UTC), dt.timedelta(microseconds=1)
-_DOUBLE = struct.Struct(">d")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2611,16 +2553,15 @@ AHEAD_PIPE_BYTES = 1 << 20  # what the helper may have made before the loader ta
 
 
 class _Batches:
-    """An iterator of (COPY rows, number of rows): a part of a file made ahead (_AheadRows.part),
-    as text lines, or with ``binary`` as bytes in COPY's binary format (_BinaryRows)."""
+    """An iterator of (COPY text, number of lines): a part of a file made ahead (_AheadRows.part)."""
 
-    def __init__(self, batches: Iterator[tuple[str | bytes, int]], binary: bool = False) -> None:
-        self._batches, self.binary = batches, binary
+    def __init__(self, batches: Iterator[tuple[str, int]]) -> None:
+        self._batches = batches
 
     def __iter__(self) -> _Batches:
         return self
 
-    def __next__(self) -> tuple[str | bytes, int]:
+    def __next__(self) -> tuple[str, int]:
         return next(self._batches)
 
 
@@ -2644,10 +2585,8 @@ class _ReadAhead:
     again (_Lost), and this process reads every file after it: the helper can only save time.
     """
 
-    def __init__(self, files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int,
-                 binary: frozenset[str]) -> None:
-        self._files, self._args = files, (cfg, run_id, chunk_seconds, binary)
-        self.binary = binary  # the files whose rows it makes in COPY's binary format
+    def __init__(self, files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int) -> None:
+        self._files, self._args = files, (cfg, run_id, chunk_seconds)
         self._index = {df.rel: i for i, df in enumerate(files)}
         self._next = 0  # the first file whose frames are not read yet
         self._open = False  # the file before it has frames left (given up, or read in part)
@@ -2655,11 +2594,10 @@ class _ReadAhead:
         self.gone = not self._fork(0)
 
     @classmethod
-    def start(cls, files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int,
-              binary: frozenset[str]) -> _ReadAhead | None:
+    def start(cls, files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int) -> _ReadAhead | None:
         if len(files) < 2 or not hasattr(os, "fork"):
             return None
-        ahead = cls(files, cfg, run_id, chunk_seconds, binary)
+        ahead = cls(files, cfg, run_id, chunk_seconds)
         return None if ahead.gone else ahead
 
     def _fork(self, at: int) -> bool:
@@ -2748,14 +2686,14 @@ class _AheadRows:
         self._notes = _Notes(0, None, 0, None, False)
 
     def part(self) -> _Batches:
-        return _Batches(self._part(), binary=self.df.rel in self.ahead.binary)
+        return _Batches(self._part())
 
-    def _part(self) -> Iterator[tuple[str | bytes, int]]:
-        frame, binary = self.ahead.frame, self.df.rel in self.ahead.binary
+    def _part(self) -> Iterator[tuple[str, int]]:
+        frame = self.ahead.frame
         while True:
             kind, payload = frame()
             if kind == _AHEAD_LINES:
-                yield payload[4:] if binary else payload[4:].decode("utf-8"), int.from_bytes(payload[:4], "big")
+                yield payload[4:].decode("utf-8"), int.from_bytes(payload[:4], "big")
             elif kind == _AHEAD_REJECTS:
                 self.rejects.add_lines(payload)
             elif kind == _AHEAD_PART:
@@ -2795,14 +2733,11 @@ class _AheadRows:
         """Nothing to do: what is left of the file's frames is passed over by the next take()."""
 
 
-def _read_ahead(files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int,
-                binary: frozenset[str], fd: int) -> None:
-    """In the helper: each file's frames, in turn (a closed pipe ends it: the loader is gone).
-    The rows of a file in ``binary`` go in COPY's binary format (its parsing done here, not by
-    the server)."""
+def _read_ahead(files: list[DataFile], cfg: Config, run_id: int | None, chunk_seconds: int, fd: int) -> None:
+    """In the helper: each file's frames, in turn (a closed pipe ends it: the loader is gone)."""
     gc.disable()  # short-lived, and what it keeps is bounded per file
     out = open(fd, "wb", buffering=1 << 16)  # noqa: SIM115 (the process ends with os._exit)
-    make_line, rejects, to_binary = _LineMaker(cfg.source_tz), _Rejects(None, run_id), _BinaryRows()
+    make_line, rejects = _LineMaker(cfg.source_tz), _Rejects(None, run_id)
 
     def send(kind: bytes, payload: bytes) -> None:
         out.write(kind + len(payload).to_bytes(4, "big"))
@@ -2820,8 +2755,7 @@ def _read_ahead(files: list[DataFile], cfg: Config, run_id: int | None, chunk_se
         try:
             while not rows.finished:
                 for text, count in _joined(rows.part(), cfg.batch_size):
-                    send(_AHEAD_LINES, count.to_bytes(4, "big") + (to_binary(text) if df.rel in binary
-                                                                   else text.encode("utf-8")))
+                    send(_AHEAD_LINES, count.to_bytes(4, "big") + text.encode("utf-8"))
                 counts, reject_lines = rows.take_counts(), rejects.take()
                 if reject_lines:
                     send(_AHEAD_REJECTS, reject_lines)
@@ -3066,16 +3000,12 @@ class _CopySource:
     reading the file again. ``watch`` (the connection's socket) ends a COPY early when the server
     speaks in the middle of it (an error, usually), instead of sending the rest of the file first.
     Batches made ahead by the read-ahead process (_Batches) are only taken off its pipe: read()
-    takes them itself, with no thread (starting one cost more than it saved, at every file). When
-    they are in COPY's binary format, each COPY begins with its header (no trailer is needed: a
-    batch holds whole rows, and the server takes the end of the data after one as the end).
+    takes them itself, with no thread (starting one cost more than it saved, at every file).
     """
 
     def __init__(self, lines: Iterator[str], batch_size: int, keep: bool, pulse: Callable[[], None],
                  numbered: bool = False) -> None:
         self._lines, self._batch, self._pulse, self._numbered = lines, batch_size, pulse, numbered
-        self.binary = type(lines) is _Batches and lines.binary
-        self._header = b""  # the binary header still to hand out in this COPY
         self.sent = 0  # lines handed out (each once, replays not counted)
         self.exhausted = False
         self.error: BaseException | None = None  # raised by the reading: psycopg2 would hide it
@@ -3084,7 +3014,7 @@ class _CopySource:
             import tempfile
 
             self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close())
-                max_size=32 << 20, mode="w+b" if self.binary else "w+", encoding=None if self.binary else "utf-8")
+                max_size=32 << 20, mode="w+", encoding="utf-8")
         else:
             self._spool = None
         self._keeping, self._replaying = keep, False
@@ -3112,11 +3042,8 @@ class _CopySource:
         except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
             self._queue.put(exc)
 
-    def read(self, size: int = -1) -> str | bytes:
+    def read(self, size: int = -1) -> str:
         self._pulse()
-        if self._header:
-            header, self._header = self._header, b""
-            return header
         if self._replaying:
             chunk = self._spool.read(1 << 20)
             if chunk:
@@ -3155,7 +3082,6 @@ class _CopySource:
         loaded, first = 0, f"{before_sql}; {sql}" if before_sql else sql
         while True:
             before = self.sent
-            self._header = _BinaryRows.HEADER if self.binary else b""
             try:
                 cur.copy_expert(first, self, size=1 << 16)
                 first = sql
@@ -3223,7 +3149,6 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FR
 _COPY_DIRECT = 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN'
 _COPY_STAGE = "COPY ingest_stage (user_id, metric, ts, value) FROM STDIN"  # seq from the identity
 _COPY_STAGE_NUMBERED = "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN"  # seq sent
-_BINARY_FORMAT = " (FORMAT binary)"
 
 
 def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_conflict: str = "nothing",
@@ -3239,16 +3164,14 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
     """
     unique_violation = _psycopg2().errors.UniqueViolation
     keep = direct and on_conflict == "nothing"
-    binary = type(lines) is _Batches and lines.binary  # rows made ahead, in COPY's binary format
-    # Staging from the start: the client numbers text lines (cheaper than the identity's nextval).
-    source = _CopySource(iter(lines), batch_size, keep=keep, pulse=pulse, numbered=not keep and not binary)
-    form = _BINARY_FORMAT if binary else ""
+    # Staging from the start: the client numbers the lines (cheaper than the identity's nextval).
+    source = _CopySource(iter(lines), batch_size, keep=keep, pulse=pulse, numbered=not keep)
     try:
         with conn.cursor() as cur:
             if direct and on_conflict == "nothing":
                 source.watch = conn.fileno()
                 try:  # (the savepoint is not released: the caller's commit ends it, one round trip less)
-                    copied = source.copy(cur, _COPY_DIRECT + form, before_sql="SAVEPOINT ingest_direct")
+                    copied = source.copy(cur, _COPY_DIRECT, before_sql="SAVEPOINT ingest_direct")
                 except unique_violation:
                     cur.execute("ROLLBACK TO SAVEPOINT ingest_direct")
                     source.replay()
@@ -3256,7 +3179,7 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
                     _check_sent(copied, source.sent)
                     return Counts(rows_inserted=copied)
             cur.execute(_STAGE_SQL)
-            staged = source.copy(cur, _COPY_STAGE + form if keep or binary else _COPY_STAGE_NUMBERED)
+            staged = source.copy(cur, _COPY_STAGE if keep else _COPY_STAGE_NUMBERED)
             _check_sent(staged, source.sent)
             pulse()
             cur.execute("SET LOCAL work_mem = '256MB'")
@@ -3789,11 +3712,7 @@ class _Loader:
         at = next((i for i, f in enumerate(files) if f.rel == df.rel), len(files))
         ahead = [f for f in files[at:] if f.error is None and f.kind != "ignored" and self._known_unchanged(f) is None
                  and _size_or_zero(f.path) < FAR_HALF_MIN_BYTES]
-        # In COPY's binary format: the rows of files that go straight into raw_data (their claim
-        # will find them new, as the manifest does now); the rest are merged from text lines.
-        binary = frozenset(f.rel for f in ahead if self.cfg.on_conflict == "nothing"
-                           and self.known.get(f.rel, ("", "", "new"))[2] not in ("loaded", "failed"))
-        self.ahead = _ReadAhead.start(ahead, self.cfg, self.run_id, self.chunk_seconds, binary)
+        self.ahead = _ReadAhead.start(ahead, self.cfg, self.run_id, self.chunk_seconds)
 
     def close(self) -> None:
         """End the connection: a last synchronous commit makes every earlier one durable."""

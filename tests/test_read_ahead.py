@@ -165,9 +165,8 @@ def _dies_after(count: int, then):
     """A helper that makes the first ``count`` files' frames, writes ``then(next file)``, and is killed."""
     real = ingest._read_ahead
 
-    def helper(files, *settings_and_fd):
-        *settings, fd = settings_and_fd
-        real(files[:count], *settings, os.dup(fd))
+    def helper(files, cfg, run_id, chunk_seconds, fd):
+        real(files[:count], cfg, run_id, chunk_seconds, os.dup(fd))
         os.write(fd, then(files[count]))
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -256,8 +255,8 @@ def test_a_file_written_to_after_the_helper_read_it_is_read_again_by_the_loader(
     marker = run.tmp / "written"
     real_helper, real_claim = ingest._read_ahead, ingest._Loader._claim
 
-    def helper(files, *settings_and_fd):
-        real_helper(files, *settings_and_fd)  # both files' frames, in the pipe
+    def helper(files, cfg, run_id, chunk_seconds, fd):
+        real_helper(files, cfg, run_id, chunk_seconds, fd)  # both files' frames, in the pipe
         path.write_text(json.dumps([rec(ts=_day(2, 1)), rec(ts=_day(2, 2))]))
         marker.touch()
 
@@ -273,51 +272,3 @@ def test_a_file_written_to_after_the_helper_read_it_is_read_again_by_the_loader(
     assert marker.exists() and taken == ["a.json"]
     assert db.count() == 3
     assert db.query("SELECT size, records_read FROM ingest_files WHERE path = 'b.json'") == [(path.stat().st_size, 2)]
-
-
-# Users the COPY text format has to escape, and ones beyond ASCII; times with fractions, offsets
-# and far from 2000; numbers with long expansions, a negative zero and the ends of a range.
-_ODD_USERS = ["back\\slash", "tab\there", "new\nline", "carriage\rreturn", "üser-é", "😀", "\\N", " lead"]
-_ODD_TIMES = ["2024-03-01T00:00:00.000001Z", "2024-03-01T05:30:00.5+05:30", "0001-01-01T00:00:00Z",
-              "9999-12-31T23:59:59.999999Z", "1999-12-31T23:59:59-00:30", "2000-01-01T00:00:00", "1970-01-01T00:00:00Z"]
-_ODD_VALUES = [0.1, 1 / 3, 97.8, 1e-7, 2.5e-300, 499.99999999999994, -0.0, 0, 100_000, 12345.678901234567]
-
-
-def test_rows_made_in_copys_binary_format_are_stored_exactly_as_text_lines_would_be(run, db, other_db, caplog,
-                                                                                   monkeypatch, taken):
-    """The helper sends the rows of files new to the manifest in COPY's binary format. Every
-    user, time and number must land as the text lines store them, a conflict (staged from the
-    same binary rows) included."""
-    formats = []
-    real = ingest.insert_records
-
-    def insert_records(conn, lines, **kw):
-        formats.append(type(lines) is ingest._Batches and lines.binary)
-        return real(conn, lines, **kw)
-
-    monkeypatch.setattr(ingest, "insert_records", insert_records)
-    metrics = {"hrv": _ODD_VALUES[:6], "activity": _ODD_VALUES[6:]}
-    for i, user in enumerate(_ODD_USERS):
-        records = [rec(user=user, metric=metric, ts=ts, value=value)
-                   for metric, values in metrics.items() for ts in _ODD_TIMES for value in values[:1]]
-        records += [rec(user=user, metric=metric, ts=f"2024-03-02T00:00:{j:02d}Z", value=value)
-                    for metric, values in metrics.items() for j, value in enumerate(values)]
-        run.write(f"{i:02d}.json", json.dumps(records))
-    run.write("99.json", json.dumps([rec(user="😀", metric="activity", ts="2024-03-02T00:00:00Z", value=7),
-                                     rec(user="😀", metric="activity", ts="2024-03-03T00:00:00Z", value=8)]))
-    ahead = outcome(run, db, caplog)
-    assert ahead["exit"] == 0 and len(taken) == len(_ODD_USERS) + 1
-    assert formats and all(formats)  # every file's rows went in the binary format
-    assert ahead["files"][-1]["rows_duplicate"] == 1  # 99.json met 07's key: staged, the first value kept
-    formats.clear()
-    assert ahead == alone(monkeypatch, run, other_db, caplog)
-    assert formats and not any(formats)  # read in the loader's process: text lines
-    stored = {(u, m, t, v) for u, m, t, v in db.rows()}
-    for user in _ODD_USERS:
-        for metric, values in metrics.items():
-            for ts in _ODD_TIMES:
-                row = ingest.validate_record(rec(user=user, metric=metric, ts=ts, value=values[0]))
-                assert (row.user_id, row.metric, row.timestamp, row.value) in stored
-    negative_zero = db.query("SELECT value::text FROM raw_data WHERE metric = 'activity' AND value = 0 "
-                             "AND \"timestamp\" = '2024-03-01T00:00:00.000001Z' LIMIT 1")
-    assert negative_zero == [("-0",)]
