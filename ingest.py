@@ -4550,4 +4550,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_code = main()
+    # What is left is freed by the exit itself: no collection of all of it on the way out, which
+    # takes a run that finds nothing new a tenth of its time. (Files and connections are closed.)
+    gc.freeze()
+    raise SystemExit(exit_code)
