@@ -644,6 +644,7 @@ class RecordStream:
             far.kill()
             raise FileFormatError("file ends inside the JSON array (truncated?)")
         try:
+            far.reader.hash_ahead(far.reported)  # rather than wait: the bytes it settles are hashed anyway
             settled = far.join()
         finally:
             far.kill()  # (if the wait was cut short)
@@ -819,13 +820,15 @@ class Digest:
 class _HashingReader(io.RawIOBase):
     """The file's bytes, hashed as they are read. With ``limit`` set, reading ends there, for now:
     ``skip_to`` then hashes the bytes up to a later offset without handing them on, and reading
-    goes on from there (the far half of a file, settled by a helper: see _FarHalf)."""
+    goes on from there (the far half of a file, settled by a helper: see _FarHalf). ``hash_ahead``
+    does that hashing early, while the helper is still at work and this process would only wait."""
 
     def __init__(self, raw, digest: Digest) -> None:
         self._raw, self._digest = raw, digest
         self.fd = raw.fileno()
         self.size = os.fstat(self.fd).st_size  # when opened
         self.limit: int | None = None
+        self._marks: list[tuple[int, object, int]] = []  # (offset, sha256 up to it, characters skipped)
 
     @property
     def done(self) -> int:
@@ -843,16 +846,37 @@ class _HashingReader(io.RawIOBase):
             self._hash(memoryview(buffer)[:count])
         return count
 
+    def hash_ahead(self, ready: Callable[[], bool]) -> None:
+        """Until ``ready()``: hash the bytes after those read so far, a chunk at a time, on a copy
+        of the digest, keeping its state at each chunk's end. ``skip_to`` then goes on from the
+        last of these at or before its ``end`` instead of from here (where the helper stops is
+        not known yet: hashing past it costs at most one chunk hashed again)."""
+        sha, offset, chars = self._digest.sha256.copy(), self._digest.size, 0
+        self._marks = [(offset, sha.copy(), chars)]
+        while offset < self.size and not ready():
+            chunk = os.pread(self.fd, READ_CHUNK_CHARS, offset)
+            if not chunk:
+                break
+            sha.update(chunk)
+            offset, chars = offset + len(chunk), chars + _utf8_chars(chunk)
+            self._marks.append((offset, sha.copy(), chars))
+
     def skip_to(self, end: int) -> int:
         """Hash the bytes up to ``end`` without handing them on, and read on from there. Returns the
         characters they hold (in UTF-8: the bytes that do not continue a character)."""
-        chars = 0
+        chars, marks, self._marks = 0, self._marks, []
+        hashed = [mark for mark in marks if self._digest.size <= mark[0] <= end]
+        if hashed:  # taken up from the last state hash_ahead kept on the way to end
+            offset, sha, chars = hashed[-1]
+            skipped, self._digest.sha256, self._digest.size = offset - self._digest.size, sha, offset
+            if skipped and self._digest.progress is not None:
+                self._digest.progress(skipped)
         while self._digest.size < end:
             chunk = os.pread(self.fd, min(READ_CHUNK_CHARS, end - self._digest.size), self._digest.size)
             if not chunk:
                 raise FileFormatError("file ends inside the JSON array (truncated?)")
             self._hash(chunk)
-            chars += len(chunk) if chunk.isascii() else len(chunk) - len(chunk.translate(None, _NOT_CONTINUING))
+            chars += _utf8_chars(chunk)
         self._raw.seek(end)
         self.limit = None
         return chars
@@ -870,6 +894,11 @@ class _HashingReader(io.RawIOBase):
 
 # Deleting these bytes leaves UTF-8's continuation bytes, 0x80-0xBF (to count characters).
 _NOT_CONTINUING = bytes(b for b in range(256) if not 0x80 <= b < 0xC0)
+
+
+def _utf8_chars(data: bytes) -> int:
+    """The characters that whole UTF-8 text holds: its bytes that do not continue a character."""
+    return len(data) if data.isascii() else len(data) - len(data.translate(None, _NOT_CONTINUING))
 
 
 class _Settled(NamedTuple):
@@ -957,6 +986,10 @@ class _FarHalf:
             return None
         reader.limit = start
         return cls(reader, start, *forked)
+
+    def reported(self) -> bool:
+        """Has the helper written its report, or ended? (Then join does not wait.)"""
+        return bool(select.select([self._pipe], [], [], 0)[0])
 
     def join(self) -> _Settled | None:
         """Wait for the helper's report; None if it failed."""

@@ -95,6 +95,39 @@ def test_the_far_half_settled_by_a_helper_ends_as_one_process_reading_it_all(tmp
     assert alone["counts"].records_read == 12 * 2500
 
 
+@pytest.fixture
+def hashed_ahead(monkeypatch) -> list:
+    """How far the loader hashed ahead while it waited for each helper (the offset it got to)."""
+    got = []
+    real = ingest._HashingReader.hash_ahead
+
+    def hash_ahead(self, ready):
+        real(self, ready)
+        got.append(self._marks[-1][0])
+
+    monkeypatch.setattr(ingest._HashingReader, "hash_ahead", hash_ahead)
+    return got
+
+
+@pytest.mark.parametrize("odd", [0.0, 0.01], ids=["to the array's end", "stopped early by odd records"])
+def test_a_slow_helpers_bytes_are_hashed_while_the_loader_waits(tmp_path, helpers, hashed_ahead, monkeypatch, odd):
+    """The loader hashes the bytes after its near half while the helper works, past wherever the
+    helper will stop; the digest, counts, rejects and positions stay those of one process."""
+    real = ingest._settle_far_half
+
+    def slow(*args):
+        time.sleep(0.3)
+        return real(*args)
+
+    monkeypatch.setattr(ingest, "_settle_far_half", slow)
+    path = task0_file(tmp_path, odd, user="usér_ü")
+    with_helper = outcome(path, helper=True)
+    assert with_helper == outcome(path, helper=False)
+    assert len(helpers) == 1 and helpers[0] is not None and len(hashed_ahead) == 1
+    assert hashed_ahead[0] == path.stat().st_size  # all of it, while the helper slept
+    assert hashed_ahead[0] > helpers[0].end  # so the digest was taken up from a state before the end
+
+
 @pytest.mark.parametrize("damage", [
     pytest.param(lambda text: text[: text.rindex('"value"') + 9], id="truncated in the last record"),
     pytest.param(lambda text: text[: len(text) * 4 // 5] + "," + text[len(text) * 4 // 5 :], id="a stray comma"),
