@@ -464,28 +464,40 @@ class _LineMaker:
 
     def stamps_of(self, texts: list) -> list[tuple[str, int]] | None:
         """(UTC text, epoch seconds) of a decoded window's timestamps, in bulk: from the cache
-        above, else, for naive ones in UTC written exactly as "YYYY-MM-DDTHH:MM:SS" (each read by
+        above, else, when all are written exactly as "YYYY-MM-DDTHH:MM:SS" followed by "Z" (as
+        Fitbit's sources are mapped), or all without it in UTC (each read by
         ``datetime.fromisoformat`` and written back the same), computed as _stamp's shortcut does;
         else one by one through _stamp. None if any is not valid."""
         stamps = list(map(self.stamps.get, texts))
         if None not in stamps:
             return stamps
-        if self.tz is UTC:
+        bodies = self._utc_bodies(texts)
+        if bodies is not None:
             try:
-                moments = list(map(dt.datetime.fromisoformat, texts))
+                moments = list(map(dt.datetime.fromisoformat, bodies))
             except (ValueError, TypeError):
                 moments = None
             if (moments is not None and set(map(_TZINFO_OF, moments)) == {None}
-                    and list(map(dt.datetime.isoformat, moments)) == texts):
+                    and list(map(dt.datetime.isoformat, moments)) == bodies):
                 epochs = map(operator.floordiv, map(operator.sub, moments, itertools.repeat(_EPOCH)),
                              itertools.repeat(_SECOND))
-                stamps = list(zip(map(operator.add, texts, itertools.repeat("+00:00")), epochs))
+                stamps = list(zip(map(operator.add, bodies, itertools.repeat("+00:00")), epochs))
                 if len(self.stamps) + len(texts) > 100_000:
                     self.stamps.clear()
                 self.stamps.update(zip(texts, stamps))
                 return stamps
         stamps = [stamp or self._stamp(text) for stamp, text in zip(stamps, texts)]
         return None if None in stamps else stamps
+
+    def _utc_bodies(self, texts: list) -> list | None:
+        """The texts without their "Z" when every one ends in it; the texts themselves when the
+        zone is UTC (naive ones are UTC then); else None."""
+        try:
+            if all(map(_ENDS_IN_Z, texts)):
+                return list(map(_ALL_BUT_LAST, texts))
+        except (AttributeError, TypeError):  # not a string
+            return None
+        return texts if self.tz is UTC else None
 
     def _user(self, user: str) -> str | None:
         try:
@@ -532,6 +544,7 @@ class _LineMaker:
 _USER_OF, _METRIC_OF, _TIMESTAMP_OF = (operator.attrgetter(name) for name in ("user_id", "metric", "timestamp"))
 _UTC_TEXT_OF, _EPOCH_OF = operator.itemgetter(0), operator.itemgetter(1)  # of a _LineMaker.stamps entry
 _TZINFO_OF = operator.attrgetter("tzinfo")
+_ENDS_IN_Z, _ALL_BUT_LAST = operator.methodcaller("endswith", "Z"), operator.itemgetter(slice(-1))
 _CANONICAL_UTC = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(Z|\+00:00)?", re.ASCII)
 _EPOCH, _SECOND = dt.datetime(1970, 1, 1), dt.timedelta(seconds=1)
 

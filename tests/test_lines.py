@@ -387,7 +387,9 @@ canonical = st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(st.lists(st.one_of(canonical, stamps), min_size=1, max_size=12) | st.lists(canonical, min_size=1, max_size=12),
+@given(st.lists(st.one_of(canonical, stamps), min_size=1, max_size=12) | st.lists(canonical, min_size=1, max_size=12)
+       | st.lists(canonical.map("{}Z".format), min_size=1, max_size=12)
+       | st.lists(st.one_of(canonical.map("{}Z".format), stamps.map("{}Z".format)), min_size=1, max_size=12),
        st.sampled_from([dt.UTC, ZoneInfo("Europe/Berlin")]), st.booleans())
 def test_bulk_timestamps_are_those_of_each_record(texts, tz, warm):
     """Whenever _LineMaker.stamps_of gives the UTC texts and epochs of a window's timestamps (the
