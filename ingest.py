@@ -717,24 +717,11 @@ class RecordStream:
 
     # --- Fitbit exports and API responses: records mapped from the source's own shape ---------
     def _fitbit(self, text: io.TextIOBase) -> Iterator[tuple[int, list]]:
-        """The mapped records in batches, as a JSON array's windows are: consecutive records with
-        a number for a value as Records (so that a batch of new or repeated keys is settled in
-        bulk, _FileRows.part), anything else alone, as the reader made it."""
-        self._batch, record_type, batch = None, _typed().Record, []
-        for position, record in read_fitbit(self.df.kind, text, self.df.user_id or ""):
-            numeric = type(record) is dict and type(record["value"]) in (int, float) and type(record["timestamp"]) is str
-            if batch and (not numeric or position != self._first + len(batch) or len(batch) >= FITBIT_BATCH_RECORDS):
-                yield self._first, batch
-                batch = []
-            if not numeric:
-                self._records, self._first = [record], position
-                yield position, self._records
-                continue
-            if not batch:
-                self._records, self._first = batch, position
-            batch.append(record_type(record["user_id"], record["metric"], record["timestamp"], record["value"]))
-        if batch:
-            yield self._first, batch
+        """The mapped records in batches, as a JSON array's windows are (_fitbit_batches)."""
+        self._batch = None
+        for first, records in _fitbit_batches(self.df.kind, text, self.df.user_id or ""):
+            self._records, self._first = records, first
+            yield first, records
 
     # --- JSON Lines: one record per line; a bad line is a rejected record ---------------------
     def _lines(self, text: io.TextIOBase) -> Iterator[tuple[int, list]]:
@@ -1495,7 +1482,7 @@ def _unloadable(entry: os.DirEntry, path: Path, root: Path, rel: str) -> str | N
 # their sources: docs/fitbit.md.
 FITBIT_MAX_API_BODY_CHARS = 64 * 1024 * 1024  # an API response body is read whole; larger fails the file
 FITBIT_MAX_CSV_FIELD_CHARS = 64 * 1024
-FITBIT_BATCH_RECORDS = 2048  # mapped records handed on together (RecordStream._fitbit)
+FITBIT_BATCH_RECORDS = 2048  # mapped records handed on together (_fb_batched)
 FITBIT_MAX_SHOWN_CHARS = 4096  # Unparsable.text is cut here (the loader cuts again, to 1,000)
 
 # ---------------------------------------------------------------------------------------------
@@ -1770,6 +1757,34 @@ def read_fitbit(kind: str, text: io.TextIOBase, user_id: str) -> Iterator[tuple[
     return reader(text, user_id)  # a generator: FileFormatError surfaces while iterating
 
 
+def _fitbit_batches(kind: str, text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, list]]:
+    """What read_fitbit yields, in batches for the loader: (position of the first, records), a
+    batch either consecutive records with a number for a value, as Records (settled in bulk
+    like a JSON array's windows, _FileRows.part), or one record of any other kind alone, as the
+    reader made it. Takeout's heart-rate and steps arrays are mapped in bulk where they can be."""
+    if kind in _fb_takeout_shapes():
+        return _fb_takeout_batches(kind, text, user_id)
+    return _fb_batched(read_fitbit(kind, text, user_id))
+
+
+def _fb_batched(pairs: Iterable[tuple[int, dict | Unparsable]]) -> Iterator[tuple[int, list]]:
+    """(position, record) pairs in batches, as _fitbit_batches describes them."""
+    record_type, batch, first = _typed().Record, [], 0
+    for position, record in pairs:
+        numeric = type(record) is dict and type(record["value"]) in (int, float) and type(record["timestamp"]) is str
+        if batch and (not numeric or position != first + len(batch) or len(batch) >= FITBIT_BATCH_RECORDS):
+            yield first, batch
+            batch = []
+        if not numeric:
+            yield position, [record]
+            continue
+        if not batch:
+            first = position
+        batch.append(record_type(record["user_id"], record["metric"], record["timestamp"], record["value"]))
+    if batch:
+        yield first, batch
+
+
 # ---------------------------------------------------------------------------------------------
 # Takeout JSON arrays, streamed
 # ---------------------------------------------------------------------------------------------
@@ -1783,6 +1798,12 @@ class _fb_ArrayStream(_Buffer):
     """
 
     def items(self) -> Iterator[object]:
+        for batch in self.batches(_FAST.decode):
+            yield from batch
+
+    def batches(self, decode: Callable[[str], list]) -> Iterator[list]:
+        """The items a window at a time (``decode`` reads a window as an array; whatever it
+        raises of ValueError or RecursionError sends that window item by item), or one alone."""
         self.fill()
         if self.text.startswith("\ufeff"):
             self.pos = 1
@@ -1796,13 +1817,13 @@ class _fb_ArrayStream(_Buffer):
             self.pos += 1
         else:
             while True:
-                batch = self.decode_batch(_FAST.decode, _fb_any_items, (ValueError, RecursionError))  # checked later
+                batch = self.decode_batch(decode, _fb_any_items, (ValueError, RecursionError))  # checked later
                 if batch is not None:
-                    yield from batch[0]
+                    yield batch[0]
                     continue
                 if self.skip_ws() == "":
                     raise FileFormatError("file ends inside the JSON array (truncated?)")
-                yield self.decode_one()[0]
+                yield [self.decode_one()[0]]
                 if self.array_ends():
                     break
         if self.skip_ws() != "":
@@ -1822,30 +1843,110 @@ def _fb_object_item(item: object, keys: tuple[str, ...]) -> str | None:
     return None
 
 
+def _fb_heart_rate_item(item: object, user_id: str) -> dict | Unparsable:
+    """{"dateTime": "MM/DD/YY HH:MM:SS" (UTC), "value": {"bpm": 62, "confidence": 2}}"""
+    problem = _fb_object_item(item, ("dateTime", "value"))
+    if problem is None:
+        value = item["value"]
+        if type(value) is not dict:
+            problem = f"value is not an object with a bpm key (got {_fb_json_type(value)})"
+        elif "bpm" not in value:
+            problem = "missing key: value.bpm"
+    if problem is not None:
+        return Unparsable(problem, _fb_shown(item))
+    return _fb_record(user_id, "heart_rate", _fb_legacy_utc(item["dateTime"]), _fb_number(item["value"]["bpm"]))
+
+
+def _fb_steps_item(item: object, user_id: str) -> dict | Unparsable:
+    """{"dateTime": "MM/DD/YY HH:MM:SS" (UTC), "value": "12"} (value is a string)"""
+    problem = _fb_object_item(item, ("dateTime", "value"))
+    if problem is not None:
+        return Unparsable(problem, _fb_shown(item))
+    return _fb_record(user_id, "activity", _fb_legacy_utc(item["dateTime"]), _fb_number(item["value"]))
+
+
 def _fb_read_takeout_heart_rate(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
-    """[{"dateTime": "MM/DD/YY HH:MM:SS" (UTC), "value": {"bpm": 62, "confidence": 2}}, ...]"""
     for position, item in enumerate(_fb_ArrayStream(text).items(), 1):
-        problem = _fb_object_item(item, ("dateTime", "value"))
-        if problem is None:
-            value = item["value"]
-            if type(value) is not dict:
-                problem = f"value is not an object with a bpm key (got {_fb_json_type(value)})"
-            elif "bpm" not in value:
-                problem = "missing key: value.bpm"
-        if problem is not None:
-            yield position, Unparsable(problem, _fb_shown(item))
-            continue
-        yield position, _fb_record(user_id, "heart_rate", _fb_legacy_utc(item["dateTime"]), _fb_number(item["value"]["bpm"]))
+        yield position, _fb_heart_rate_item(item, user_id)
 
 
 def _fb_read_takeout_steps(text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, dict | Unparsable]]:
-    """[{"dateTime": "MM/DD/YY HH:MM:SS" (UTC), "value": "12"}, ...] (value is a string)"""
     for position, item in enumerate(_fb_ArrayStream(text).items(), 1):
-        problem = _fb_object_item(item, ("dateTime", "value"))
-        if problem is not None:
-            yield position, Unparsable(problem, _fb_shown(item))
-            continue
-        yield position, _fb_record(user_id, "activity", _fb_legacy_utc(item["dateTime"]), _fb_number(item["value"]))
+        yield position, _fb_steps_item(item, user_id)
+
+
+# --- the same arrays in bulk, for the loader ---------------------------------------------------
+_fb_LEGACY_TIMES = re.compile(r"(?:\d\d/\d\d/\d\d \d\d:\d\d:\d\d\n)*\d\d/\d\d/\d\d \d\d:\d\d:\d\d", re.ASCII)
+_fb_PLAIN_INTS = re.compile(r"(?:\d{1,15}\n)*\d{1,15}", re.ASCII)
+_fb_DATETIME_OF, _fb_BPM_OF = operator.attrgetter("dateTime"), operator.attrgetter("value.bpm")
+
+
+def _fb_lines(texts: list[str]) -> str:
+    """The texts joined a line each ("" where one holds a line break of its own, or none is there)."""
+    joined = "\n".join(texts)
+    return joined if joined.count("\n") == len(texts) - 1 else ""
+
+
+def _fb_legacy_utc_all(texts: list[str]) -> list[str] | None:
+    """_fb_legacy_utc of each text when every one is written the usual way, "MM/DD/YY HH:MM:SS"
+    (its shortcut), checked by one regular expression over them all; None otherwise."""
+    if not _fb_LEGACY_TIMES.fullmatch(_fb_lines(texts)):
+        return None
+    return [f"20{text[6:8]}-{text[0:2]}-{text[3:5]}T{text[9:17]}Z" for text in texts]
+
+
+def _fb_plain_ints(texts: list[str]) -> list[int] | None:
+    """_fb_number of each text, when every one is plain ASCII digits (a step count); else None."""
+    return list(map(int, texts)) if _fb_PLAIN_INTS.fullmatch(_fb_lines(texts)) else None
+
+
+class _fb_TakeoutShape(NamedTuple):
+    metric: str
+    decode: Callable[[str], list]  # a window, straight into the items' usual shape (msgspec)
+    numbers: Callable[[list], list | None]  # the decoded items' values as numbers; None if one is not plain
+    item: Callable[[object, str], dict | Unparsable]  # what read_fitbit maps one item (of any shape) to
+
+
+@functools.cache
+def _fb_takeout_shapes() -> dict[str, _fb_TakeoutShape]:
+    """The Takeout arrays the loader reads in bulk. Their decoders ignore unknown keys and keep the
+    last of a key written twice, as the standard library's decoder does."""
+    import msgspec
+
+    bpm = msgspec.defstruct("Bpm", [("bpm", int | float)], gc=False)  # (types, not annotations to resolve)
+    heart_rate = msgspec.defstruct("HeartRate", [("dateTime", str), ("value", bpm)], gc=False)
+    steps = msgspec.defstruct("Steps", [("dateTime", str), ("value", str)], gc=False)
+    return {"takeout-heart-rate": _fb_TakeoutShape("heart_rate", msgspec.json.Decoder(list[heart_rate]).decode,
+                                                   lambda items: list(map(_fb_BPM_OF, items)), _fb_heart_rate_item),
+            "takeout-steps": _fb_TakeoutShape("activity", msgspec.json.Decoder(list[steps]).decode,
+                                              lambda items: _fb_plain_ints(list(map(_VALUE_OF, items))),
+                                              _fb_steps_item)}
+
+
+def _fb_takeout_batches(kind: str, text: io.TextIOBase, user_id: str) -> Iterator[tuple[int, list]]:
+    """A Takeout heart-rate or steps array as _fitbit_batches gives it. A window of items in their
+    usual shape, every time written the usual way and every value a plain number, becomes Records
+    without a Python call per item: what the shape's ``item`` would map each to, made in bulk. Any
+    other window, or item alone, goes through ``item``, as read_fitbit does."""
+    shape, typed = _fb_takeout_shapes()[kind], _typed()
+
+    def decode(window: str) -> list:
+        try:
+            items = shape.decode(window)
+            stamps, values = _fb_legacy_utc_all(list(map(_fb_DATETIME_OF, items))), shape.numbers(items)
+            if stamps is not None and values is not None:
+                return list(map(typed.Record, itertools.repeat(user_id), itertools.repeat(shape.metric), stamps, values))
+        except typed.errors:
+            pass
+        return _FAST.decode(window)  # dicts, mapped one by one below
+
+    position = 1
+    for items in _fb_ArrayStream(text).batches(decode):
+        if type(items[0]) is typed.Record:
+            yield position, items
+        else:
+            yield from _fb_batched(zip(itertools.count(position), map(shape.item, items, itertools.repeat(user_id))))
+        position += len(items)
 
 
 # ---------------------------------------------------------------------------------------------

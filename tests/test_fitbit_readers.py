@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -264,6 +265,103 @@ def test_streaming_gives_the_same_items_whatever_the_window_and_stays_small(monk
     assert got[-1][0] == 14400 and got[-1][1]["timestamp"] == "2020-01-02T23:59:55Z"
     assert all(type(r) is dict for _, r in got)
     assert max(largest) <= 2 * chunk + 1024  # the window, never the file (len(text) is ~5 MB)
+
+
+# Odd items, written as JSON text (a key twice cannot be written with json.dumps), for the bulk path.
+ODD_HEART = [
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": "62"}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": 61.5}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": 0}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": true}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": null}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": 1e400}}',
+    '{"dateTime": "3/1/23 5:00", "value": {"bpm": 60}}',
+    '{"dateTime": "01/01/20 05:00:07\\n", "value": {"bpm": 60}}',
+    '{"dateTime": "01/01/20 05:00:07\\n01/01/20 05:00:07", "value": {"bpm": 60}}',
+    '{"dateTime": 20200101, "value": {"bpm": 60}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": 61}',
+    '{"value": {"bpm": 60}}',
+    '5',
+    '[]',
+    '{"dateTime": "02/30/20 05:00:07", "dateTime": "01/01/20 06:00:07", "value": {"bpm": 60, "bpm": 70}}',
+    '{"dateTime": "\\u00301/01/20 05:00:07", "value": {"bpm": 60}, "more": {"x": [1, NaN]}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": 99999999999999999999999}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": 1e-400}}',
+    '{"dateTime": "01/01/20 05:00:07", "value": {"bpm": 62}, "value": {"bpm": 63, "confidence": 0}}',
+]
+ODD_STEPS = [
+    '{"dateTime": "01/01/20 00:00:00", "value": " 12"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "12.5"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "-3"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "+3"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "1234567890123456"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": 12}',
+    '{"dateTime": "01/01/20 00:00:00", "value": ""}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "１２"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "007"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "1\\n2"}',
+    '{"dateTime": "01/01/20 00:00:00"}',
+    '{"dateTime": "1/1/20 0:00", "value": "5"}',
+    '{"dateTime": "01/01/20 00:00:00", "value": "5", "value": "6"}',
+]
+
+
+def _takeout_array(kind: str, seed: int, odd: float, count: int = 6000, only: str | None = None) -> str:
+    """A Takeout array of usual items in Takeout's own layout, with odd ones at random places (or
+    the one odd item ``only``, in the middle)."""
+    rng, items = random.Random(seed), []
+    for i in range(count):
+        when = f"{1 + i // 3600 % 12:02d}/{1 + i // 86400:02d}/2{seed % 10} {i // 60 % 24:02d}:{i % 60:02d}:{i * 7 % 60:02d}"
+        if rng.random() < odd:
+            items.append(rng.choice(ODD_HEART if kind == "takeout-heart-rate" else ODD_STEPS))
+        elif only is not None and i == count // 2:
+            items.append(only)
+        elif kind == "takeout-heart-rate":
+            value = rng.choice([60 + i % 50, 72.25])
+            items.append(json.dumps({"dateTime": when, "value": {"bpm": value, "confidence": i % 4}}, indent=2))
+        else:
+            items.append(json.dumps({"dateTime": when, "value": str(i % 130)}, indent=2))
+    return "[" + ",".join(items) + "]\n"
+
+
+def _bulk_as_read_fitbit(monkeypatch, kind: str, text: str) -> int:
+    """Assert that the loader's batches of a Takeout array give what read_fitbit gives; return how
+    many times were made in bulk."""
+    monkeypatch.setattr(ingest, "READ_CHUNK_CHARS", 16384)
+    bulk = []
+    real = ingest._fb_legacy_utc_all
+    monkeypatch.setattr(ingest, "_fb_legacy_utc_all", lambda texts: bulk.append(real(texts)) or bulk[-1])
+    batches = list(ingest._fitbit_batches(kind, io.StringIO(text, newline=""), "u"))
+    got = [(position, ingest._plain(record)) for first, batch in batches for position, record in enumerate(batch, first)]
+    assert got == rows(kind, text)
+    record_type = ingest._typed().Record
+    for first, batch in batches:  # a batch is Records only, or one record of another kind alone
+        assert all(type(record) is record_type for record in batch) or len(batch) == 1
+    return sum(len(stamps) for stamps in bulk if stamps is not None)
+
+
+@pytest.mark.parametrize("kind", ["takeout-heart-rate", "takeout-steps"])
+@pytest.mark.parametrize("seed, odd", [(1, 0.0), (2, 0.001), (3, 0.02), (4, 0.3), (5, 1.0)])
+def test_the_loaders_bulk_reading_of_takeout_arrays_gives_what_read_fitbit_gives(monkeypatch, kind, seed, odd):
+    """Windows of usual items become Records in bulk (a Python call per window, not per item); a
+    window with anything unusual in it goes item by item. Either way each position maps to what
+    read_fitbit maps it to, as the loader passes it on (records with a number for a value as
+    Records, in order, with their positions)."""
+    made_in_bulk = _bulk_as_read_fitbit(monkeypatch, kind, _takeout_array(kind, seed, odd))
+    if odd < 0.01:
+        assert made_in_bulk > 4000
+    if odd == 1.0:
+        assert made_in_bulk == 0
+
+
+@pytest.mark.parametrize("kind, item", [*(("takeout-heart-rate", item) for item in ODD_HEART),
+                                        *(("takeout-steps", item) for item in ODD_STEPS)])
+def test_one_odd_item_among_usual_ones_is_mapped_as_read_fitbit_maps_it(monkeypatch, kind, item):
+    """The odd item alone in a window of usual ones: that window goes item by item, or in bulk
+    only where the item is usual after all (a "\\u0030" is a "0", a key written twice keeps its last)."""
+    made_in_bulk = _bulk_as_read_fitbit(monkeypatch, kind, _takeout_array(kind, 6, 0.0, count=2000, only=item))
+    assert made_in_bulk >= 1000  # the windows without it
 
 
 # =============================================================================================
