@@ -48,7 +48,8 @@ RATE = 250
 # Innermost ingest.py function -> stage, by exact name (this version's and 1f556d7's).
 STAGES = {
     "read": "_HashingReader.readinto _Buffer.fill _open_text Digest.hexdigest _file_sha256 RecordStream.__iter__ "
-            "RecordStream.batches _HashingReader.skip_to _HashingReader._hash RecordStream._far_half_settled",
+            "RecordStream.batches _HashingReader.skip_to _HashingReader._hash RecordStream._far_half_settled "
+            "_HashingReader.hash_ahead _utf8_chars _FarHalf.reported",
     "parse": "_Buffer.decode_batch _Buffer.decode_one _Buffer.skip_ws _Buffer.array_ends _Buffer.decode "
              "_decode_batch _iter_json_document _iter_array_items _iter_json_lines RecordStream._document "
              "RecordStream._array_items RecordStream._lines _decode_line _BatchText.item _fast_is_exact "
