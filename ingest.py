@@ -1170,16 +1170,24 @@ def _fast_is_exact(text: str | bytes, items: Sequence) -> bool:
 
     Every item decoded to a Record has its four keys and three string values: at least 14
     double quotes. A key named twice (in any spelling) adds at least two more, as does an
-    escaped quote, so a text with exactly 14 per item has neither. No value may be a float zero
-    (the only thing an underflowing number can become; a zero written "0.0" is merely read again
-    carefully), nor so large that its reason needs the digits as written.
+    escaped quote, so a text with exactly 14 per item has neither. No value may be so large that
+    its reason needs the digits as written. A float zero is what an underflowing number becomes,
+    and a number can only underflow when written with a negative exponent or hundreds of zeros:
+    a window with a float zero is exact unless its text holds either ("0.0" is then read fast).
     """
     if text.count('"' if type(text) is str else b'"') != 14 * len(items):
         return False
     values = list(map(_VALUE_OF, items))
     if values and not (-_PLAIN_NUMBER < min(values) and max(values) < _PLAIN_NUMBER):
         return False
-    return 0 not in values or not any(type(v) is float and v == 0 for v in values)
+    if 0 in values and any(type(v) is float and v == 0 for v in values):
+        return (_MAY_UNDERFLOW if type(text) is str else _MAY_UNDERFLOW_BYTES).search(text) is None
+    return True
+
+
+# A negative exponent (1e-400), or a run of zeros long enough to hide a tiny fraction (0.000…1)
+_MAY_UNDERFLOW = re.compile(r"[0-9.][eE]-|0{300}")
+_MAY_UNDERFLOW_BYTES = re.compile(_MAY_UNDERFLOW.pattern.encode())
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -1190,6 +1198,7 @@ class _Buffer:
 
     def __init__(self, stream: io.TextIOBase) -> None:
         self.stream, self.text, self.pos, self.eof, self.consumed = stream, "", 0, False, 0
+        self.careful_until = 0  # offset in the stream up to which items are decoded one by one
 
     def fill(self) -> bool:
         """Read another chunk; drop what is consumed. False at end of file."""
@@ -1249,12 +1258,22 @@ class _Buffer:
                      errors: tuple[type[BaseException], ...]) -> tuple[list, str] | None:
         """Decode many array items with one call of the fast decoder (_decode_window); None
         otherwise (odd formatting, a bad record, anything the fast decoder could get wrong), and
-        the caller decodes item by item, carefully."""
+        the caller decodes item by item, carefully.
+
+        A window the fast decoder refused is not tried again: None is returned, with no attempt,
+        until the items it held were decoded one by one (``careful_until``). So each stretch of the
+        text costs at most one refused attempt, and a file the fast decoder keeps refusing costs
+        what the careful decoder alone costs, plus one attempt per window (never one per item)."""
+        if self.consumed + self.pos < self.careful_until:
+            return None
         if len(self.text) - self.pos < READ_CHUNK_CHARS // 2:
             self.fill()
         got = _decode_window(self.text, self.pos, decode, exact, errors)
         if got is not None:
             self.pos += len(got[1]) + 1  # past the window and its last ","
+        else:
+            cut = self.text.rfind("},", self.pos)
+            self.careful_until = self.consumed + (cut + 2 if cut >= self.pos else len(self.text))
         return got
 
     def where(self, pos: int) -> str:

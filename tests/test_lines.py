@@ -128,8 +128,11 @@ def test_the_fast_decoder_reads_the_common_record_and_leaves_the_doubtful_to_the
     record = '{{"user_id": {u}, "metric": "hrv", "timestamp": "2024-01-01T00:00:00Z", "value": {v}{x}}}'
     assert fast(record.format(u='"u1"', v="42.5", x=""))
     assert fast(record.format(u='"u1"', v="-3", x=""))
+    for zero in ("0.0", "-0.0", "0", "0e5", "0.000"):  # a zero as written by json.dumps, pandas and others
+        assert fast(record.format(u='"u1"', v=zero, x="")), zero
     for u, v, x in [('"u1"', "42", ', "value": 43'), ('"u1"', "42", ', "user\\u005fid": "u2"'),
-                    ('"q\\"u"', "42", ""), ('"u1"', "0.0", ""), ('"u1"', "1e-400", ""), ('"u1"', "1e16", ""),
+                    ('"q\\"u"', "42", ""), ('"u1"', "1e-400", ""), ('"u1"', "1e16", ""), ('"u1"', "0." + "0" * 330 + "1", ""),
+                    ('"u1"', "1E-400", ""), ('"u1"', "0.1e-999", ""),
                     ('"u1"', "42", ', "extra": 1'), ('"a\\ud800"', "42", ""), ('"u1"', "true", "")]:
         assert not fast(record.format(u=u, v=v, x=x)), (u, v, x)
 
