@@ -62,7 +62,8 @@ lint: venv
 	VENV=$(VENV) bash scripts/lint.sh
 
 bench: setup
-	eval "$$($(DEVDB) env)" && $(PY) scripts/bench.py && $(PY) scripts/bench_fitbit.py
+	eval "$$($(DEVDB) env)" && $(PY) scripts/bench.py && $(PY) scripts/bench_shapes.py \
+	  && $(PY) scripts/bench_fitbit.py && $(PY) scripts/bench_mechanisms.py
 
 clean: db-down
 	rm -rf .dev $(VENV) .pytest_cache

@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_sample
+import make_task0
 
 INGEST = ROOT / "ingest.py"
 BASELINE = ROOT / "scripts" / "bench_baseline.py"
@@ -65,7 +66,10 @@ DUCKDB_LOADER = ROOT / "scripts" / "bench_duckdb.py"
 # duckdb_ext/extensions/v<version>/<platform>/postgres_scanner.duckdb_extension, which bench_duckdb.py
 # loads through SET extension_directory). The two versions must match.
 DUCKDB_PINS = ("duckdb==1.4.4", "duckdb-ext-postgres==1.4.4.20260205")
-VARIANTS = ("limit", "baseline", "duckdb", "ingest")
+# Polars with the ADBC PostgreSQL driver (scripts/bench_polars.py), the second peer.
+POLARS_PINS = ("polars==2.1.0", "adbc-driver-postgresql==1.13.0", "adbc-driver-manager==1.13.0", "pyarrow==26.0.1")
+POLARS_LOADER = ROOT / "scripts" / "bench_polars.py"
+VARIANTS = ("limit", "baseline", "duckdb", "polars", "ingest")
 SCHEMA = ROOT / "sql" / "schema.sql"
 GEN_VERSION = 1  # bump when the generation code below changes the bytes it writes
 START = dt.datetime(2024, 1, 1)
@@ -103,6 +107,7 @@ class DataSet:
     description: str
     files: tuple[FileSpec, ...]
     repeated_keys: bool = False  # limit file keeps first occurrences only
+    task0: bool = False  # the files are Task-0's real output (scripts/make_task0.py), not make_sample's
     baseline_skip: str | None = None  # reason, when the baseline is not run
     ingest_runs: tuple[str, ...] = ("first", "unchanged", "all-present")
     workers: bool = False  # also ingest --workers 2 (when ingest.py has it)
@@ -124,6 +129,10 @@ def _per_user(prefix: str, users: int, seconds: int, metrics, pretty: bool, seed
 
 def datasets(quick: bool) -> list[DataSet]:
     metrics = list(make_sample.METRICS)
+    # (task0) the real input: what the task's Task-0 step writes, made by its own generator.
+    task0 = DataSet("task0", "Task-0's real output: wearipedia FitbitCharge6(seed=42), January 2024, six pretty "
+                             "JSON arrays as Task-0/extract.py writes them (scripts/make_task0.py)",
+                    (), repeated_keys=True, task0=True)
     # (a) Task-0 shaped: same files as `make_sample.py OUT --seconds 86400 --repeat 30`.
     a_sec = 1800 if quick else 86400
     a = DataSet(
@@ -155,7 +164,7 @@ def datasets(quick: bool) -> list[DataSet]:
             f"d-{label}", f"scaling: {users} compact JSON file(s) of {d_sec} heart-rate records (unique keys)",
             tuple(_per_user("", users, d_sec, ["heart_rate"], False, 0)),
             baseline_skip="skipped: time budget" if label == "10M" else None))
-    return [a, b, c, *d]
+    return [task0, a, b, c, *d]
 
 
 def snapshot_loader(scratch: Path) -> None:
@@ -176,8 +185,36 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+def generate_task0(ds: DataSet, root: Path) -> dict:
+    """Task-0's output under root/json (scripts/make_task0.py, cached there) and its COPY file
+    root/limit.tsv: each key's first occurrence, in the loader's file order."""
+    meta_path = root / "meta.json"
+    started = time.monotonic()
+    made = make_task0.make(root / "json", root.parent / "venv-task0")
+    if meta_path.exists() and (root / "limit.tsv").exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("params") == made:
+            meta["generated"] = False
+            return meta
+    files = sorted((root / "json").glob("*.json"))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_task0.py"), str(root / "json"),
+                           "--limit", str(root / "limit.tsv.tmp")], capture_output=True, text=True, check=True)
+    records = json.loads(done.stdout)["records"]
+    (root / "limit.tsv.tmp").rename(root / "limit.tsv")
+    sizes = [p.stat().st_size for p in files]
+    meta = {"params": made, "records": records, "distinct_keys": made["distinct_keys"], "files": len(files),
+            "bytes": sum(sizes),
+            "largest_file_bytes": max(sizes), "smallest_file_bytes": min(sizes),
+            "generation_seconds": round(time.monotonic() - started, 1)}
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    meta["generated"] = True
+    return meta
+
+
 def generate(ds: DataSet, root: Path) -> dict:
     """Write ds under root/json and its COPY file root/limit.tsv; reuse them when up to date."""
+    if ds.task0:
+        return generate_task0(ds, root)
     meta_path = root / "meta.json"
     params = {**ds.params(), "make_sample_sha": _sha(ROOT / "scripts" / "make_sample.py")}
     if meta_path.exists():
@@ -399,6 +436,19 @@ def ensure_duckdb(scratch: Path) -> tuple[str | None, str]:
     return str(python), f"duckdb {p.stdout.strip()}"
 
 
+def ensure_polars(scratch: Path) -> tuple[str | None, str]:
+    """A Python with POLARS_PINS installed (a virtualenv under scratch, made once)."""
+    venv = scratch / "venv-polars"
+    why = pinned_venv(venv, POLARS_PINS)
+    if why is not None:
+        return None, why
+    p = subprocess.run([str(venv / "bin" / "python"), "-c", "import polars, adbc_driver_postgresql; "
+                        "print(polars.__version__)"], capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        return None, f"polars does not import from {venv}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+    return str(venv / "bin" / "python"), f"polars {p.stdout.strip()} + adbc-driver-postgresql 1.13.0"
+
+
 # ---------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +529,30 @@ class Bench:
                     note += f"; ROWS != {meta['distinct_keys']} distinct keys"
                 self.add(ds, variant, status="ok" if p.code == 0 else f"exit {p.code}", rows=rows,
                          rows_inserted=out.get("rows_inserted"), seconds=p.seconds, rss_mb=p.rss_mb, note=note)
+                if p.code != 0:
+                    break
+        finally:
+            self.dbs.drop(db)
+
+    def polars(self, ds: DataSet, root: Path, meta: dict) -> None:
+        if not self.polars_python:
+            self.add(ds, "polars", status="skipped", note=f"skipped: {self.polars_status}")
+            return
+        db = self.dbs.create(f"{ds.name}_polars")
+        try:
+            for variant, note in (("polars+adbc (1st load)", "first-wins per file, no validation"),
+                                  ("polars+adbc (2nd: all present)", "")):
+                cmd = [self.polars_python, str(POLARS_LOADER), str((root / "json").resolve())]
+                p = run_timed(cmd, self.child_env(db), self.logs, self.tag(ds, variant), self.work)
+                out = _last_json_line(p.stdout)
+                rows = self.dbs.count(db)
+                if p.code != 0:
+                    note += f"; exit {p.code}, see {p.stderr_path}"
+                if rows != meta["distinct_keys"]:
+                    note += f"; ROWS != {meta['distinct_keys']} distinct keys"
+                self.add(ds, variant, status="ok" if p.code == 0 else f"exit {p.code}", rows=rows,
+                         rows_inserted=out.get("rows_inserted"), seconds=p.seconds, rss_mb=p.rss_mb,
+                         note=note.strip("; "))
                 if p.code != 0:
                     break
         finally:
@@ -657,8 +731,41 @@ def markdown(results: list[dict], info: dict, sets: dict, extra_notes: list[str]
         ("- Each variant runs against a fresh database with sql/schema.sql applied; the ingest re-runs reuse the "
         "database of the 1st load. One run each on a shared machine: expect +-10-20 % noise."),
         *(f"- {n}" for n in extra_notes),
+        *targets(results),
     ]
     return "\n".join(lines) + "\n"
+
+
+def targets(results: list[dict]) -> list[str]:
+    """The targets `make bench` checks (docs/benchmarks.md), each met or not, from this run's rows."""
+    sec = {(r["dataset"], r["variant"]): r["seconds"] for r in results if r.get("status") == "ok" and r.get("seconds")}
+    first = "ingest (1st load)"
+    checks: list[tuple[str, float | None, str, float]] = []
+
+    def ratio(ds: str, variant: str, other: str) -> float | None:
+        mine, theirs = sec.get((ds, variant)), sec.get((ds, other))
+        return None if mine is None or theirs is None else mine / theirs
+
+    checks.append(("task0: 1st load / DuckDB's", ratio("task0", first, "duckdb (1st load)"), "<=", 0.6))
+    checks.append(("b: 1st load / DuckDB's", ratio("b", first, "duckdb (1st load)"), "<=", 0.8))
+    lim = ratio("b", "limit", first)
+    checks.append(("b: rows/s / the COPY limit's", lim, ">=", 0.85))
+    for ds in sorted({r["dataset"] for r in results}):
+        got = ratio(ds, first, "polars+adbc (1st load)")
+        if got is not None:
+            checks.append((f"{ds}: 1st load / Polars+ADBC's", got, "<", 1.0))
+    rss = [r["rss_mb"] for r in results if r["variant"].startswith("ingest") and r.get("rss_mb")]
+    checks.append(("peak RSS of every ingest run, MB", max(rss) if rss else None, "<=", 200))
+    rerun = [r["seconds"] for r in results if r["variant"].startswith("ingest (2nd") and r.get("seconds")]
+    checks.append(("slowest unchanged re-run, s", max(rerun) if rerun else None, "<=", 0.15))
+    lines = ["", "Targets:", "", "| target | limit | measured | |", "|---|--:|--:|---|"]
+    for name, got, op, limit in checks:
+        if got is None:
+            lines.append(f"| {name} | {op} {limit} | | not measured in this run |")
+            continue
+        met = got <= limit if op == "<=" else got >= limit if op == ">=" else got < limit
+        lines.append(f"| {name} | {op} {limit} | {got:.2f} | {'met' if met else '**not met**'} |")
+    return lines
 
 
 def _ratio(x: float | None) -> str:
@@ -680,7 +787,7 @@ def _size(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Benchmark ingest.py against psql \\copy, a hand-written loader and DuckDB.")
     p.add_argument("--quick", action="store_true", help="small data sets (~1/50 scale), a smoke run in seconds")
-    p.add_argument("--only", help="comma-separated data sets: a,b,c,d (all of d) or d-100k,d-1M,d-10M")
+    p.add_argument("--only", help="comma-separated data sets: task0,a,b,c,d (all of d) or d-100k,d-1M,d-10M")
     p.add_argument("--keep", action="store_true", help="keep the bench_* databases (not dropped)")
     p.add_argument("--scratch", type=Path, default=ROOT / "bench-data", help="scratch dir (default ./bench-data)")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -703,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
     scratch = a.scratch.resolve()
     data_root = scratch / ("quick" if a.quick else "full")
 
+    def root_of(ds: DataSet) -> Path:  # Task-0's output has one size: one copy for both
+        return scratch / ds.name if ds.task0 else data_root / ds.name
+
     admin = connect()
     with admin.cursor() as cur:
         cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%' ORDER BY 1")
@@ -723,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_seconds = 0.0
     for ds in chosen:
         t = time.monotonic()
-        meta = generate(ds, data_root / ds.name)
+        meta = generate(ds, root_of(ds))
         gen_seconds += time.monotonic() - t
         meta["description"] = ds.description
         sets[ds.name] = meta
@@ -755,12 +865,21 @@ def main(argv: list[str] | None = None) -> int:
                          "DuckDB process's own.")
         else:
             notes.append(f"duckdb: not run: {duckdb_status}.")
+    polars_python, polars_status = ensure_polars(scratch) if "polars" in variants else (None, "")
+    if "polars" in variants:
+        notes.append(f"polars: scripts/bench_polars.py on {polars_status}" if polars_python else
+                     f"polars: not run: {polars_status}.")
+        if polars_python:
+            notes.append("polars+adbc: per file read_json, to_datetime (UTC), unique(keep='first', maintain_order=True) "
+                         "on the key, ADBC bulk ingest (binary COPY) into a temporary table, INSERT ... ON CONFLICT DO "
+                         "NOTHING, commit; validates nothing; uses every core; peak RSS is its process's own.")
     dbs = Databases(a.keep)
     bench = Bench(a, scratch, dbs, psql, flags, duckdb_python, duckdb_status)
+    bench.polars_python, bench.polars_status = polars_python, polars_status
     run_started = time.monotonic()
     try:
         for ds in chosen:
-            root = data_root / ds.name
+            root = root_of(ds)
             meta = sets[ds.name]
             print(f"bench: running {ds.name}", flush=True)
             steps = [(v, getattr(bench, v), {}) for v in VARIANTS if v in variants]
