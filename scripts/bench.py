@@ -442,8 +442,8 @@ def ensure_polars(scratch: Path) -> tuple[str | None, str]:
     why = pinned_venv(venv, POLARS_PINS)
     if why is not None:
         return None, why
-    p = subprocess.run([str(venv / "bin" / "python"), "-c", "import polars, adbc_driver_postgresql; "
-                        "print(polars.__version__)"], capture_output=True, text=True, check=False)
+    probe = "import polars, adbc_driver_postgresql; print(polars.__version__)"
+    p = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=False)
     if p.returncode != 0:
         return None, f"polars does not import from {venv}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
     return str(venv / "bin" / "python"), f"polars {p.stdout.strip()} + adbc-driver-postgresql 1.13.0"

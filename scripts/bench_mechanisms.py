@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dbs.close()
     lines = ["# What each speed mechanism is worth (bench_mechanisms.py)", "",
-             f"- {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, loader {bench._sha(bench.INGEST)}; {a.rounds} rounds, "
-             f"alternated; medians of first loads into fresh databases; {time.monotonic() - started:.0f} s in all.",
+             (f"- {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, loader {bench._sha(bench.INGEST)}; {a.rounds} rounds, "
+              f"alternated; medians of first loads into fresh databases; {time.monotonic() - started:.0f} s in all."),
              "- cost of switching it off = median without / median with - 1; it pays where that is >= +10 %.", "",
              "| data set | mechanism | median with, s | median without, s | cost of switching it off | pays? | runs without |",
              "|---|---|--:|--:|--:|---|---|"]

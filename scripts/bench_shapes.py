@@ -127,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     best = {k: min(v) for k, v in seconds.items()}
     plain = best[spellings[0], sizes[1]]
     lines = ["# Time by JSON spelling (bench_shapes.py)", "",
-             f"- {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; N = {a.records:,} records; best of {a.rounds} "
-             f"rounds, each spelling's file loaded by `python -m ingest` into a fresh database; "
-             f"{time.monotonic() - started:.0f} s in all.", "",
-             f"| spelling | rows at 4N | s at N | s at 4N | growth (≤ {GROWTH_LIMIT:g}) | vs plainest at 4N "
-             f"(≤ {RELATIVE_LIMIT:g}) | |", "|---|--:|--:|--:|--:|--:|---|"]
+             (f"- {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; N = {a.records:,} records; best of {a.rounds} "
+              f"rounds, each spelling's file loaded by `python -m ingest` into a fresh database; "
+              f"{time.monotonic() - started:.0f} s in all."), "",
+             (f"| spelling | rows at 4N | s at N | s at 4N | growth (≤ {GROWTH_LIMIT:g}) | vs plainest at 4N "
+              f"(≤ {RELATIVE_LIMIT:g}) | |"), "|---|--:|--:|--:|--:|--:|---|"]
     results = []
     for spelling in spellings:
         small, large = best[spelling, sizes[0]], best[spelling, sizes[1]]

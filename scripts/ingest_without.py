@@ -34,7 +34,7 @@ def _no_bulk_settle() -> None:  # windows of repeats and of new keys go record b
 
 
 def _no_takeout_bulk() -> None:  # Takeout arrays mapped item by item, as read_fitbit does
-    ingest._fb_takeout_shapes = lambda: {}
+    ingest._fb_takeout_shapes = dict  # (called with no arguments: an empty table)
 
 
 def _no_decoder_windows() -> None:  # every array item decoded alone, by the careful decoder

@@ -124,7 +124,8 @@ def _venv_python(venv: Path) -> Path:
     if python.exists() and marker.exists() and marker.read_text() == "\n".join(PINS) + "\n":
         return python
     base = next((p for p in (sys.executable, shutil.which("python3.12"), shutil.which("python3.11"))
-                 if p and subprocess.run([p, "-c", "import sys; sys.exit(sys.version_info >= (3, 13))"]).returncode == 0),
+                 if p and subprocess.run([p, "-c", "import sys; sys.exit(sys.version_info >= (3, 13))"],
+                                         check=False).returncode == 0),
                 None)
     if base is None:
         sys.exit("make_task0: wearipedia needs Python 3.10-3.12; none found")
