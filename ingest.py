@@ -632,7 +632,7 @@ class RecordStream:
                     pass
         except (FileFormatError, FileReadError):
             raise
-        except (EOFError, UnicodeDecodeError, OSError) as exc:
+        except (EOFError, UnicodeDecodeError, OSError, *_decompression_errors()) as exc:
             error = FileFormatError if not isinstance(exc, OSError) or _bad_gzip(exc) else FileReadError
             raise error(_describe_read_error(exc, df.gzipped)) from None
         finally:
@@ -1071,7 +1071,27 @@ def _sniff_encoding(head: bytes) -> str:
 
 def _bad_gzip(exc: BaseException) -> bool:
     gzip = sys.modules.get("gzip")  # not imported: no gzip file was opened
-    return gzip is not None and isinstance(exc, gzip.BadGzipFile)
+    return gzip is not None and isinstance(exc, (gzip.BadGzipFile, *_decompression_errors()))
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    """What a decompressor raises for damaged data that is neither an OSError nor an EOFError
+    (zlib.error: bad deflate data in the middle of a .gz file); () while none was imported."""
+    zlib = sys.modules.get("zlib")
+    return () if zlib is None else (zlib.error,)
+
+
+def _storable(text: str | None) -> str | None:
+    """Text as PostgreSQL's text columns (and psycopg2) take it: a NUL, which no text value can
+    hold, written as \\x00, and an unpaired surrogate, which is no UTF-8, as its escape. For
+    every reason, name and note the loader stores: they may quote whatever a file holds."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _io_error(exc: OSError) -> FileReadError:
@@ -1083,7 +1103,7 @@ def _describe_read_error(exc: BaseException, gzipped: bool) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return f"not valid {exc.encoding} text ({exc.reason} at byte {exc.start})"
     if gzipped and (isinstance(exc, EOFError) or _bad_gzip(exc)):
-        return f"not a valid gzip file ({exc})"
+        return f"not a valid gzip file ({_storable(str(exc))})"
     if isinstance(exc, OSError) and exc.strerror:
         return f"cannot read file: {exc.strerror}"
     return f"cannot read file: {exc}"
@@ -3809,7 +3829,7 @@ class _Loader:
     def _fail(self, df: DataFile, exc: BaseException, status: str) -> FileResult:
         """Roll the file back (to its claim), record why, and go on. ``status`` is "failed" when the
         cause is in the file's bytes (skipped until they change), "error" when it may go away."""
-        reason = str(exc) if isinstance(exc, IngestError) else f"the database refused it: {_pg_message(exc)}"
+        reason = _storable(str(exc) if isinstance(exc, IngestError) else f"the database refused it: {_pg_message(exc)}")
         self.rejects.discard()
         self.rejects.add(df.rel, None, f"file failed: {reason}")
         result = FileResult(df.rel, "failed", error=reason)
@@ -3821,8 +3841,8 @@ class _Loader:
                 done, counts = self.committed
                 self._commit(conn, df, df.path.stat(), status, counts, done, None, reason)
                 return result
-            except (OSError, _psycopg2().Error):
-                pass  # the failure is still reported; the file is tried again next run
+            except (OSError, ValueError, _psycopg2().Error) as exc:  # the failure is still reported, the
+                log.warning("%s: could not record its failure: %s", df.rel, exc)  # file tried again next run
         if conn is not None and not conn.closed:
             _rollback(conn)
         self.rejects.publish()
@@ -3993,7 +4013,8 @@ def _finish_run(cfg: Config, conn, summary: Summary, stop: _Stop) -> None:
             with stop.watching(conn, grace=END_GRACE_SECONDS), conn.cursor() as cur:
                 cur.execute(f"UPDATE ingest_runs SET finished_at = now(), status = %(status)s, "
                             f"error = %(error)s, {sets} WHERE run_id = %(run_id)s",
-                            {**counts, "status": summary.status, "error": summary.error, "run_id": summary.run_id})
+                            {**counts, "status": summary.status, "error": _storable(summary.error),
+                             "run_id": summary.run_id})
                 cur.execute("DELETE FROM ingest_run_keys WHERE run_id = %s", (summary.run_id,))
                 conn.commit()
             return
