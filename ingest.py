@@ -3841,8 +3841,8 @@ class _Loader:
                 done, counts = self.committed
                 self._commit(conn, df, df.path.stat(), status, counts, done, None, reason)
                 return result
-            except (OSError, ValueError, _psycopg2().Error) as exc:  # the failure is still reported, the
-                log.warning("%s: could not record its failure: %s", df.rel, exc)  # file tried again next run
+            except (OSError, ValueError, _psycopg2().Error) as recording:  # the failure is still reported, the
+                log.warning("%s: could not record its failure: %s", df.rel, recording)  # file tried again next run
         if conn is not None and not conn.closed:
             _rollback(conn)
         self.rejects.publish()
