@@ -195,6 +195,11 @@ class ConnectError(DatabaseError):
     """The server could not be reached (or refused the login)."""
 
 
+class RowsDroppedError(DatabaseError):
+    """The database stored fewer of a file's rows than were sent and not because they were there
+    already (a trigger or rule on raw_data declined them): that file fails alone, tried again."""
+
+
 class RejectFileError(IngestError):
     """Rejects cannot be written (disk full, permissions): the file in flight is rolled back."""
 
@@ -3362,19 +3367,26 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
                     cur.execute("ROLLBACK TO SAVEPOINT ingest_direct")
                     source.replay()
                 else:
-                    _check_sent(copied, source.sent)
+                    _check_stored(copied, source.sent)
                     return Counts(rows_inserted=copied)
             cur.execute(_STAGE_SQL)
             staged = source.copy(cur, _COPY_STAGE if keep else _COPY_STAGE_NUMBERED)
             _check_sent(staged, source.sent)
             pulse()
             cur.execute("SET LOCAL work_mem = '256MB'")
+            cur.execute(_INSERT_FILTERS_SQL)
+            filtered = cur.fetchone()[0]
+            if filtered:  # duplicates are then counted, not inferred: a dropped row is no duplicate
+                cur.execute(_PRESENT_SQL)
+                distinct, present = cur.fetchone()
             if on_conflict == "update":
                 cur.execute(_MERGE_UPDATE_SQL, {"run_id": run_id})
                 inserted, updated = cur.fetchone()
             else:
                 cur.execute(_MERGE_NOTHING_SQL)
                 inserted, updated = cur.rowcount, 0
+            if filtered and on_conflict == "nothing":
+                _check_stored(inserted, distinct - present)
             cur.execute("TRUNCATE ingest_stage")
             return Counts(rows_inserted=inserted, rows_updated=updated, rows_duplicate=staged - inserted - updated)
     finally:
@@ -3384,6 +3396,28 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
 def _check_sent(loaded: int, sent: int) -> None:
     if loaded != sent:
         raise DatabaseError(f"COPY reported {loaded} rows, but {sent} were sent")
+
+
+def _check_stored(stored: int, expected: int) -> None:
+    """Fewer rows stored than there were new keys: something in the database declined them."""
+    if stored < expected:
+        raise RowsDroppedError(
+            f"the database stored {stored} of {expected} new rows: a trigger or rule on raw_data declined "
+            f"{expected - stored} (the file was rolled back; it is tried again next run)")
+
+
+# Is there anything on raw_data that may decline a row without an error (a BEFORE INSERT row
+# trigger returning NULL, a rule)? TimescaleDB's own insert blocker raises instead.
+_INSERT_FILTERS_SQL = """
+SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = 'raw_data'::regclass AND NOT tgisinternal
+               AND tgenabled <> 'D' AND tgtype & 7 = 7 AND tgname <> 'ts_insert_blocker')
+    OR EXISTS (SELECT FROM pg_rewrite WHERE ev_class = 'raw_data'::regclass AND ev_type = '3')
+"""
+_PRESENT_SQL = f"""
+SELECT count(*), count(*) FILTER (WHERE EXISTS (
+    SELECT FROM raw_data r WHERE r.user_id = s.user_id AND r.metric = s.metric AND r."timestamp" = s.ts))
+FROM ({_FIRST_PER_KEY}) s
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3806,7 +3840,7 @@ class _Loader:
             conn = self._connection()
             with self.stop.watching(conn, functools.partial(self._server_busy, conn.info.backend_pid)):
                 result = self._load_file(conn, df, wait_ms)
-        except (FileFormatError, FileReadError) as exc:
+        except (FileFormatError, FileReadError, RowsDroppedError) as exc:
             return self._fail(df, exc, "failed" if isinstance(exc, FileFormatError) else "error")
         except OSError as exc:  # a spool on a full disk, say: the file's problem, tried again next run
             return self._fail(df, _io_error(exc), "error")

@@ -87,3 +87,32 @@ def test_a_failure_whose_reason_quotes_a_nul_is_recorded_and_ends_that_file_alon
         (error,) = [e for (e,) in db.query("SELECT error FROM ingest_files WHERE path = %s", (rel,))]
         assert "\x00" not in error and error  # stored, in a form PostgreSQL takes
         assert db.count() == 10
+
+
+# --- 4. rows the database declines without an error (a BEFORE INSERT trigger returning NULL) ---
+FILTER = """
+CREATE FUNCTION keep_small() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN IF NEW.value > 100 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+CREATE TRIGGER keep_small BEFORE INSERT ON raw_data FOR EACH ROW EXECUTE FUNCTION keep_small();
+"""
+
+
+@pytest.mark.parametrize("path", ["direct", "staged"])
+def test_rows_a_trigger_declines_fail_that_file_alone_and_are_never_counted_as_duplicates(run, db, path):
+    db.query(FILTER)
+    if path == "staged":  # a key already there sends the file through the staging table
+        db.query("INSERT INTO raw_data VALUES ('u2', 'activity', '2024-01-01T00:00:00Z', 5)")
+    run.write("a.json", [rec(user="u1", value=5)])
+    run.write("b.json", [rec(user="u2", value=5), rec(user="u2", ts="2024-01-01T00:00:01Z", value=150),
+                         rec(user="u2", ts="2024-01-01T00:00:02Z", value=7)])
+    run.write("c.json", [rec(user="u3", value=9)])
+    assert run() == 1
+    files = {f["file"]: f for f in run.summary()["files"]}
+    assert files["a.json"]["status"] == "loaded" and files["c.json"]["status"] == "loaded"
+    assert files["b.json"]["status"] == "failed" and "trigger or rule on raw_data declined 1" in files["b.json"]["error"]
+    assert run.summary()["rows_duplicate"] == 0
+    assert db.query("SELECT user_id FROM raw_data ORDER BY user_id") == (
+        [("u1",), ("u2",), ("u3",)] if path == "staged" else [("u1",), ("u3",)])
+    db.query("DROP TRIGGER keep_small ON raw_data")
+    assert run() == 0  # the cause has gone: the file loads whole
+    assert statuses(run)["b.json"] == "loaded"
