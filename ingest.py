@@ -4241,8 +4241,12 @@ def _run(cfg: Config, summary: Summary, stop: _Stop) -> None:
             try:
                 conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
                 chunk_seconds = _prepare(conn, cfg)
-                summary.run_id = _start_run(conn, cfg)
-                known = _manifest(conn)
+                try:
+                    summary.run_id = _start_run(conn, cfg)
+                    known = _manifest(conn)
+                except _psycopg2().Error as exc:
+                    _rollback(conn)
+                    raise _refused_at_start(exc, "cannot start a run") from None
             finally:
                 files = listing.files()
         with _Progress.shown(cfg.progress, files) as progress:
@@ -4312,12 +4316,29 @@ def _prepare(conn, cfg: Config) -> int:
         _rollback(conn)
         if _is_transient(exc):
             raise DatabaseError(f"cannot prepare the database: {_pg_message(exc)}") from None
-        err = ConfigError(f"cannot apply {SCHEMA_PATH.name}: {_pg_message(exc)}")
+        err = _refused_at_start(exc, f"cannot apply {SCHEMA_PATH.name}")
         if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
             err.hint = "a loader role without CREATE runs with --no-bootstrap, once the owner has applied the schema"
-        else:
+        elif not err.hint:
             err.hint = "fix raw_data as the message says (see docs/operations.md, 'Failure modes'), then run again"
         raise err from None
+
+
+def _refused_at_start(exc: BaseException, what: str) -> IngestError:
+    """A reachable server refusing what every run needs (the schema, its run row, the manifest):
+    one line with the server's words and the fix, exit 2 (a setting to change: cron's retries
+    would not help), unless the refusal may pass by itself (a lost connection: exit 3)."""
+    errors = _psycopg2().errors
+    if _is_transient(exc):
+        return DatabaseError(f"{what}: {_pg_message(exc)}")
+    err = ConfigError(f"{what}: {_pg_message(exc)}")
+    if isinstance(exc, errors.ReadOnlySqlTransaction):
+        err.hint = ("the server or this role only reads (a standby, or default_transaction_read_only): point the "
+                    "loader at the primary, or run ALTER ROLE (or DATABASE) ... SET default_transaction_read_only = off")
+    elif isinstance(exc, errors.InsufficientPrivilege):
+        err.hint = ("the loader's role needs SELECT, INSERT and UPDATE on raw_data and the ingest_* tables: "
+                    "have the owner grant them as sql/roles.sql does")
+    return err
 
 
 # --- progress bars -----------------------------------------------------------------------------
@@ -4720,24 +4741,35 @@ def _status_main(argv: list[str]) -> int:
         report = _status_report(connect_db(info, describe=_describe(info)), args.runs)
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        if args.json:  # what it knows, in the format asked for
+            print(json.dumps({"error": str(exc), "hint": exc.hint or None, "exit_code": exc.exit_code}, indent=2))
         return exc.exit_code
     print(json.dumps(report, indent=2, default=str) if args.json else _status_text(report))
     return EXIT_OK
 
 
 def _status_report(conn, runs: int) -> dict:
+    """What the database holds, section by section; a section whose table is not there (a
+    database the loader never ran on) is empty, and ``notes`` says so."""
     psycopg2 = _psycopg2()
-    report = {}
+    report: dict = {"notes": []}
+    conn.autocommit = True  # one statement's failure leaves the others their answers
     try:
         with conn.cursor() as cur:
             for name, sql in _STATUS_QUERIES.items():
-                cur.execute(sql, {"limit": runs})
+                try:
+                    cur.execute(sql, {"limit": runs})
+                except psycopg2.errors.UndefinedTable as exc:
+                    report[name] = []
+                    report["notes"].append(f"{_pg_message(exc)}: nothing loaded here yet (run the loader once)")
+                    continue
                 columns = [c.name for c in cur.description]
                 report[name] = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-    except psycopg2.errors.UndefinedTable as exc:
-        raise DatabaseError(f"{_pg_message(exc)}: nothing loaded here yet (run the loader once)") from None
     except psycopg2.Error as exc:
-        raise DatabaseError(_pg_message(exc)) from None
+        err = _refused_at_start(exc, "cannot read the database")
+        raise err from None
     finally:
         conn.close()
     return report
@@ -4757,6 +4789,7 @@ def _status_text(report: dict) -> str:
         "recent runs", _table(["run", "started", "status", "loaded", "skipped", "failed", "read", "rejected",
                                "inserted", "updated", "duplicate"], runs), "",
         "files that failed (and have not loaded since)", _table(["file", "run", "error"], failed),
+        *(["", *(f"note: {note}" for note in report["notes"])] if report["notes"] else []),
     ])
 
 

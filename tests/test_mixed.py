@@ -12,7 +12,9 @@ import zlib
 
 import pytest
 
+import ingest
 from tests.conftest import rec
+from tests.test_privileges import init_script, roles  # noqa: F401 (roles: a fixture)
 
 MODES = pytest.mark.parametrize("args", [(), ("--workers", "2"), ("--dry-run",)], ids=["plain", "workers", "dry-run"])
 
@@ -116,3 +118,66 @@ def test_rows_a_trigger_declines_fail_that_file_alone_and_are_never_counted_as_d
     db.query("DROP TRIGGER keep_small ON raw_data")
     assert run() == 0  # the cause has gone: the file loads whole
     assert statuses(run)["b.json"] == "loaded"
+
+
+# --- 7. a reachable server that refuses what every run needs: one clear line, exit 2 ----------
+def one_error(err: str) -> str:
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_a_read_only_database_stops_the_run_with_the_fix_and_exit_2(run, db, capsys):
+    run.write("a.json", [rec()])
+    assert run() == 0  # the schema is there: nothing is left for a run to create
+    db.query(f'ALTER DATABASE "{db.name}" SET default_transaction_read_only = on')
+    run.write("b.json", [rec(ts="2024-01-01T00:00:01Z")])
+    capsys.readouterr()
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert "read-only transaction" in one_error(err)
+    assert "hint: " in err and "default_transaction_read_only = off" in err
+    assert run.summary()["status"] == "failed"
+
+
+@pytest.mark.parametrize("revoke, fragment", [
+    ("REVOKE INSERT ON ingest_runs FROM {role}", "ingest_runs"),
+    ("REVOKE SELECT ON ingest_files FROM {role}", "ingest_files"),
+])
+def test_a_role_missing_a_right_stops_the_run_with_the_fix_and_exit_2(run, db, roles, monkeypatch, capsys,  # noqa: F811
+                                                                       revoke, fragment):
+    role = roles()
+    init_script(db, role)
+    db.query(revoke.format(role=f'"{role.name}"'))
+    monkeypatch.setenv("POSTGRES_USER", role.name)
+    monkeypatch.setenv("POSTGRES_PASSWORD", role.password)
+    run.write("a.json", [rec()])
+    assert run("--no-bootstrap") == 2
+    err = capsys.readouterr().err
+    line = one_error(err)
+    assert "permission denied" in line and fragment in line and role.password not in err
+    assert "sql/roles.sql" in err
+    assert db.count() == 0
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_status_on_a_database_the_loader_never_ran_on_says_so_in_the_format_asked(empty_db, monkeypatch,
+                                                                                   capsys, as_json):
+    for key, value in empty_db.env().items():
+        monkeypatch.setenv(key, str(value))
+    assert ingest.main(["status", *(["--json"] if as_json else [])]) == 0
+    out = capsys.readouterr().out
+    if as_json:
+        report = json.loads(out)
+        assert report["data"] == [] and report["runs"] == [] and report["failed_files"] == []
+        assert any("nothing loaded here yet" in note for note in report["notes"])
+    else:
+        assert "raw_data" in out and "note: " in out and "nothing loaded here yet" in out
+
+
+def test_status_that_cannot_connect_answers_in_json_when_asked(monkeypatch, capsys):
+    monkeypatch.setenv("POSTGRES_PORT", "1")
+    monkeypatch.setenv("CONNECT_TIMEOUT", "2")
+    assert ingest.main(["status", "--json"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report["exit_code"] == 3 and "cannot connect" in report["error"]
