@@ -3100,8 +3100,8 @@ def apply_schema(conn, schema_sql: str) -> None:
     import zlib
 
     marker = f"fitbit-ingest schema crc32 {zlib.crc32(schema_sql.encode()):08x}"
-    check = ("SELECT to_regclass('raw_data') IS NOT NULL "
-             "AND obj_description(to_regclass('ingest_runs'), 'pg_class') = %s")
+    check = ("SELECT to_regclass('public.raw_data') IS NOT NULL "
+             "AND obj_description(to_regclass('public.ingest_runs'), 'pg_class') = %s")
     with conn.cursor() as cur:
         cur.execute(check, (marker,))
         if cur.fetchone()[0]:
@@ -3113,7 +3113,7 @@ def apply_schema(conn, schema_sql: str) -> None:
             conn.commit()
             return
         cur.execute(schema_sql)
-        cur.execute("COMMENT ON TABLE ingest_runs IS %s", (marker,))
+        cur.execute("COMMENT ON TABLE public.ingest_runs IS %s", (marker,))
     conn.commit()
 
 
@@ -3121,11 +3121,11 @@ def apply_schema(conn, schema_sql: str) -> None:
 _CONTRACT = {"user_id": "text", "metric": "text", "timestamp": "timestamp with time zone",
              "value": "double precision"}
 _FIXES = {
-    "timestamp": 'ALTER TABLE raw_data ALTER COLUMN "timestamp" TYPE timestamptz USING "timestamp" AT TIME ZONE '
+    "timestamp": 'ALTER TABLE public.raw_data ALTER COLUMN "timestamp" TYPE timestamptz USING "timestamp" AT TIME ZONE '
                  "'UTC' (if the stored times are UTC)",
-    "value": "ALTER TABLE raw_data ALTER COLUMN value TYPE double precision",
-    "user_id": "ALTER TABLE raw_data ALTER COLUMN user_id TYPE text",
-    "metric": "ALTER TABLE raw_data ALTER COLUMN metric TYPE text",
+    "value": "ALTER TABLE public.raw_data ALTER COLUMN value TYPE double precision",
+    "user_id": "ALTER TABLE public.raw_data ALTER COLUMN user_id TYPE text",
+    "metric": "ALTER TABLE public.raw_data ALTER COLUMN metric TYPE text",
 }
 
 
@@ -3133,14 +3133,14 @@ def check_table(conn) -> int:
     """Compare raw_data with the contract in sql/schema.sql before any row is written; return
     its chunk interval in seconds. A mismatch is a ConfigError naming the column and the fix."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('raw_data') IS NOT NULL")
+        cur.execute("SELECT to_regclass('public.raw_data') IS NOT NULL")
         if not cur.fetchone()[0]:
             raise ConfigError("table raw_data does not exist; run without --no-bootstrap once, or apply "
                               "sql/schema.sql")
         cur.execute("SELECT attname, format_type(atttypid, atttypmod), attnotnull, "
                     "pg_get_expr(d.adbin, d.adrelid) IS NOT NULL OR attidentity <> '' OR attgenerated <> '' "
                     "FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
-                    "WHERE attrelid = 'raw_data'::regclass AND attnum > 0 AND NOT attisdropped")
+                    "WHERE attrelid = 'public.raw_data'::regclass AND attnum > 0 AND NOT attisdropped")
         columns = {name: (kind, notnull, has_default) for name, kind, notnull, has_default in cur.fetchall()}
         for name, expected in _CONTRACT.items():
             if name not in columns:
@@ -3151,22 +3151,26 @@ def check_table(conn) -> int:
         for name, (kind, notnull, has_default) in columns.items():
             if name not in _CONTRACT and notnull and not has_default:
                 raise ConfigError(f'raw_data has an extra column "{name}" ({kind}) that is NOT NULL without a '
-                                  f"default, so no row can be inserted. Fix: ALTER TABLE raw_data ALTER COLUMN "
+                                  f"default, so no row can be inserted. Fix: ALTER TABLE public.raw_data ALTER COLUMN "
                                   f'"{name}" DROP NOT NULL (or give it a default)')
-        cur.execute("SELECT count(*) FROM pg_index i WHERE i.indrelid = 'raw_data'::regclass AND i.indisunique "
+        cur.execute("SELECT count(*) FROM pg_index i WHERE i.indrelid = 'public.raw_data'::regclass AND i.indisunique "
                     "AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM unnest(i.indkey) AS k(n) "
                     "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n) "
                     "= ARRAY['metric', 'timestamp', 'user_id']")
         if not cur.fetchone()[0]:
             raise ConfigError('raw_data has no unique key on (user_id, metric, "timestamp"), which exactly-once '
-                              'loading relies on. Fix: CREATE UNIQUE INDEX ON raw_data (user_id, metric, "timestamp") '
+                              'loading relies on. Fix: CREATE UNIQUE INDEX ON public.raw_data (user_id, metric, "timestamp") '
                               "(after removing duplicate rows)")
         cur.execute("SELECT extract(epoch FROM time_interval)::bigint FROM timescaledb_information.dimensions "
                     "WHERE hypertable_name = 'raw_data' AND column_name = 'timestamp' "
-                    "AND hypertable_schema = current_schema() LIMIT 1")
+                    "AND hypertable_schema = 'public' LIMIT 1")
         found = cur.fetchone()
+        if found is None:  # a plain table (or one partitioned on another column) is not what the schema makes
+            raise ConfigError("public.raw_data is not a TimescaleDB hypertable partitioned on \"timestamp\"; it is "
+                              "not the table sql/schema.sql makes. Fix: SELECT create_hypertable('public.raw_data', "
+                              "'timestamp', migrate_data => TRUE) as its owner")
     conn.commit()
-    return int(found[0]) if found and found[0] else 86_400
+    return int(found[0]) if found[0] else 86_400
 
 
 def _joined(lines: Iterable[str], size: int) -> Iterator[tuple[str, int]]:
@@ -3311,10 +3315,10 @@ CREATE TEMP TABLE IF NOT EXISTS ingest_stage (
 """
 _FIRST_PER_KEY = """
 SELECT DISTINCT ON (user_id, metric, ts) user_id, metric, ts, value
-FROM ingest_stage ORDER BY user_id, metric, ts, seq
+FROM pg_temp.ingest_stage ORDER BY user_id, metric, ts, seq
 """
 _MERGE_NOTHING_SQL = f"""
-INSERT INTO raw_data (user_id, metric, "timestamp", value)
+INSERT INTO public.raw_data (user_id, metric, "timestamp", value)
 {_FIRST_PER_KEY}
 ON CONFLICT (user_id, metric, "timestamp") DO NOTHING
 """
@@ -3323,13 +3327,13 @@ ON CONFLICT (user_id, metric, "timestamp") DO NOTHING
 _MERGE_UPDATE_SQL = f"""
 WITH src AS ({_FIRST_PER_KEY}),
 fresh AS (
-    INSERT INTO ingest_run_keys (run_id, user_id, metric, "timestamp")
+    INSERT INTO public.ingest_run_keys (run_id, user_id, metric, "timestamp")
     SELECT %(run_id)s, user_id, metric, ts FROM src
     ON CONFLICT DO NOTHING
     RETURNING user_id, metric, "timestamp" AS ts
 ),
 merged AS (
-    INSERT INTO raw_data (user_id, metric, "timestamp", value)
+    INSERT INTO public.raw_data (user_id, metric, "timestamp", value)
     SELECT src.user_id, src.metric, src.ts, src.value FROM src JOIN fresh USING (user_id, metric, ts)
     ON CONFLICT (user_id, metric, "timestamp") DO UPDATE SET value = EXCLUDED.value
     WHERE raw_data.value IS DISTINCT FROM EXCLUDED.value
@@ -3337,9 +3341,9 @@ merged AS (
 )
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM merged
 """
-_COPY_DIRECT = 'COPY raw_data (user_id, metric, "timestamp", value) FROM STDIN'
-_COPY_STAGE = "COPY ingest_stage (user_id, metric, ts, value) FROM STDIN"  # seq from the identity
-_COPY_STAGE_NUMBERED = "COPY ingest_stage (seq, user_id, metric, ts, value) FROM STDIN"  # seq sent
+_COPY_DIRECT = 'COPY public.raw_data (user_id, metric, "timestamp", value) FROM STDIN'
+_COPY_STAGE = "COPY pg_temp.ingest_stage (user_id, metric, ts, value) FROM STDIN"  # seq from the identity
+_COPY_STAGE_NUMBERED = "COPY pg_temp.ingest_stage (seq, user_id, metric, ts, value) FROM STDIN"  # seq sent
 
 
 def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_conflict: str = "nothing",
@@ -3387,7 +3391,7 @@ def insert_records(conn, lines: Iterable[str], *, batch_size: int = 2000, on_con
                 inserted, updated = cur.rowcount, 0
             if filtered and on_conflict == "nothing":
                 _check_stored(inserted, distinct - present)
-            cur.execute("TRUNCATE ingest_stage")
+            cur.execute("TRUNCATE pg_temp.ingest_stage")
             return Counts(rows_inserted=inserted, rows_updated=updated, rows_duplicate=staged - inserted - updated)
     finally:
         source.close()
@@ -3409,13 +3413,13 @@ def _check_stored(stored: int, expected: int) -> None:
 # Is there anything on raw_data that may decline a row without an error (a BEFORE INSERT row
 # trigger returning NULL, a rule)? TimescaleDB's own insert blocker raises instead.
 _INSERT_FILTERS_SQL = """
-SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = 'raw_data'::regclass AND NOT tgisinternal
+SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = 'public.raw_data'::regclass AND NOT tgisinternal
                AND tgenabled <> 'D' AND tgtype & 7 = 7 AND tgname <> 'ts_insert_blocker')
-    OR EXISTS (SELECT FROM pg_rewrite WHERE ev_class = 'raw_data'::regclass AND ev_type = '3')
+    OR EXISTS (SELECT FROM pg_rewrite WHERE ev_class = 'public.raw_data'::regclass AND ev_type = '3')
 """
 _PRESENT_SQL = f"""
 SELECT count(*), count(*) FILTER (WHERE EXISTS (
-    SELECT FROM raw_data r WHERE r.user_id = s.user_id AND r.metric = s.metric AND r."timestamp" = s.ts))
+    SELECT FROM public.raw_data r WHERE r.user_id = s.user_id AND r.metric = s.metric AND r."timestamp" = s.ts))
 FROM ({_FIRST_PER_KEY}) s
 """
 
@@ -3641,14 +3645,14 @@ _CLAIM_SQL = f"""
 SET LOCAL synchronous_commit = off;
 SET LOCAL statement_timeout = %(timeout_ms)s;
 SET LOCAL lock_timeout = %(wait_ms)s;
-INSERT INTO ingest_files (path, size, mtime_ns, status) VALUES (%(path)s, -1, -1, 'new') ON CONFLICT DO NOTHING;
-SELECT FROM ingest_files WHERE path = %(path)s FOR UPDATE;
+INSERT INTO public.ingest_files (path, size, mtime_ns, status) VALUES (%(path)s, -1, -1, 'new') ON CONFLICT DO NOTHING;
+SELECT FROM public.ingest_files WHERE path = %(path)s FOR UPDATE;
 SET LOCAL lock_timeout = 0;
 SAVEPOINT ingest_file;
-SELECT {_MANIFEST_COLUMNS} FROM ingest_files WHERE path = %(path)s
+SELECT {_MANIFEST_COLUMNS} FROM public.ingest_files WHERE path = %(path)s
 """
 _MANIFEST_UPDATE = """
-UPDATE ingest_files SET size = %(size)s, mtime_ns = %(mtime_ns)s, sha256 = %(sha256)s, status = %(status)s,
+UPDATE public.ingest_files SET size = %(size)s, mtime_ns = %(mtime_ns)s, sha256 = %(sha256)s, status = %(status)s,
     error = %(error)s, records_done = %(records_done)s, records_read = %(records_read)s,
     records_rejected = %(records_rejected)s, rows_inserted = %(rows_inserted)s, rows_updated = %(rows_updated)s,
     rows_duplicate = %(rows_duplicate)s, loaded_at = now(), run_id = %(run_id)s
@@ -3746,7 +3750,7 @@ class _Loader:
             same = size == st.st_size and (mtime_ns == st.st_mtime_ns or (
                 sha256 is not None and _file_sha256(df.path) == sha256))
             if same and mtime_ns != st.st_mtime_ns:
-                cur.execute("UPDATE ingest_files SET mtime_ns = %s WHERE path = %s", (st.st_mtime_ns, df.rel))
+                cur.execute("UPDATE public.ingest_files SET mtime_ns = %s WHERE path = %s", (st.st_mtime_ns, df.rel))
             if same and status in ("loaded", "failed") and not self.cfg.force:
                 conn.commit()
                 return _unchanged_result(df, status, error)
@@ -3988,14 +3992,14 @@ def _start_run(conn, cfg: Config) -> int:
     STALE_RUN_MINUTES, or started on this host by a process that no longer exists."""
     with conn.cursor() as cur:
         cur.execute("SELECT run_id, host, pid, coalesce(heartbeat_at, started_at) < now() - "
-                    f"interval '{STALE_RUN_MINUTES} minutes' FROM ingest_runs WHERE status = 'running'")
+                    f"interval '{STALE_RUN_MINUTES} minutes' FROM public.ingest_runs WHERE status = 'running'")
         here = _hostname()
         stale = [run_id for run_id, host, pid, silent in cur.fetchall() if silent or (host == here and not _alive(pid))]
         if stale:
-            cur.execute("UPDATE ingest_runs SET status = 'interrupted', finished_at = now() WHERE run_id = ANY(%s)",
+            cur.execute("UPDATE public.ingest_runs SET status = 'interrupted', finished_at = now() WHERE run_id = ANY(%s)",
                         (stale,))
-            cur.execute("DELETE FROM ingest_run_keys WHERE run_id = ANY(%s)", (stale,))
-        cur.execute("INSERT INTO ingest_runs (host, pid, version, data_dir, on_conflict, heartbeat_at) "
+            cur.execute("DELETE FROM public.ingest_run_keys WHERE run_id = ANY(%s)", (stale,))
+        cur.execute("INSERT INTO public.ingest_runs (host, pid, version, data_dir, on_conflict, heartbeat_at) "
                     "VALUES (%s, %s, %s, %s, %s, now()) RETURNING run_id",
                     (here, os.getpid(), __version__, _escape_name(str(cfg.data_dir.resolve())),
                      cfg.on_conflict))
@@ -4026,7 +4030,7 @@ def _alive(pid: int) -> bool:
 
 def _heartbeat(conn, run_id: int) -> None:
     with conn.cursor() as cur:
-        cur.execute("UPDATE ingest_runs SET heartbeat_at = now() WHERE run_id = %s", (run_id,))
+        cur.execute("UPDATE public.ingest_runs SET heartbeat_at = now() WHERE run_id = %s", (run_id,))
     conn.commit()
 
 
@@ -4045,11 +4049,11 @@ def _finish_run(cfg: Config, conn, summary: Summary, stop: _Stop) -> None:
             if attempt == 2 or conn.closed:
                 conn = connect_db(cfg.conninfo, describe=cfg.describe_db())
             with stop.watching(conn, grace=END_GRACE_SECONDS), conn.cursor() as cur:
-                cur.execute(f"UPDATE ingest_runs SET finished_at = now(), status = %(status)s, "
+                cur.execute(f"UPDATE public.ingest_runs SET finished_at = now(), status = %(status)s, "
                             f"error = %(error)s, {sets} WHERE run_id = %(run_id)s",
                             {**counts, "status": summary.status, "error": _storable(summary.error),
                              "run_id": summary.run_id})
-                cur.execute("DELETE FROM ingest_run_keys WHERE run_id = %s", (summary.run_id,))
+                cur.execute("DELETE FROM public.ingest_run_keys WHERE run_id = %s", (summary.run_id,))
                 conn.commit()
             return
         except (psycopg2.Error, IngestError) as exc:
@@ -4224,7 +4228,7 @@ def _check_files(cfg: Config, files: list[DataFile], summary: Summary, stop: _St
 
 def _manifest(conn) -> dict:
     with conn.cursor() as cur:
-        cur.execute("SELECT path, size, mtime_ns, status, error FROM ingest_files")
+        cur.execute("SELECT path, size, mtime_ns, status, error FROM public.ingest_files")
         known = {path: tuple(rest) for path, *rest in cur.fetchall()}
     conn.commit()
     return known
@@ -4712,12 +4716,12 @@ def _report_error(exc: IngestError, code: int, cfg: Config | None, verbose: bool
 
 # --- ingest.py status --------------------------------------------------------------------------
 _STATUS_QUERIES = {
-    "data": 'SELECT metric, user_id, count(*), min("timestamp"), max("timestamp") FROM raw_data '
+    "data": 'SELECT metric, user_id, count(*), min("timestamp"), max("timestamp") FROM public.raw_data '
             "GROUP BY metric, user_id ORDER BY metric, user_id",
     "runs": "SELECT run_id, started_at, finished_at, status, host, files_seen, files_loaded, files_skipped, "
             "files_failed, records_read, records_rejected, rows_inserted, rows_updated, rows_duplicate, error "
-            "FROM ingest_runs ORDER BY run_id DESC LIMIT %(limit)s",
-    "failed_files": "SELECT path, error, run_id, loaded_at FROM ingest_files WHERE status IN ('failed', 'error') "
+            "FROM public.ingest_runs ORDER BY run_id DESC LIMIT %(limit)s",
+    "failed_files": "SELECT path, error, run_id, loaded_at FROM public.ingest_files WHERE status IN ('failed', 'error') "
                     "ORDER BY run_id DESC NULLS LAST, path",
 }
 

@@ -4,10 +4,14 @@
 --
 -- Contract with downstream readers (API, aggregation jobs): the table raw_data and its columns
 -- user_id, metric, "timestamp", value keep these names and types.
+--
+-- Every table is named with its schema, public: a search_path that puts another schema first
+-- (ALTER DATABASE ... SET search_path = reporting, public) can neither hide these tables behind
+-- someone else's nor make this file skip them because a table of that name exists elsewhere.
 
 CREATE EXTENSION IF NOT EXISTS timescaledb;
 
-CREATE TABLE IF NOT EXISTS raw_data (
+CREATE TABLE IF NOT EXISTS public.raw_data (
     user_id     TEXT             NOT NULL,
     metric      TEXT             NOT NULL,
     "timestamp" TIMESTAMPTZ      NOT NULL,
@@ -22,18 +26,18 @@ BEGIN
     IF NOT EXISTS (
         SELECT 1
         FROM pg_index i
-        WHERE i.indrelid = 'raw_data'::regclass
+        WHERE i.indrelid = 'public.raw_data'::regclass
           AND i.indisunique
           AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
                FROM unnest(i.indkey) AS k(attnum)
                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum)
               = ARRAY['metric', 'timestamp', 'user_id']
     ) THEN
-        IF EXISTS (SELECT 1 FROM pg_index WHERE indrelid = 'raw_data'::regclass AND indisprimary) THEN
+        IF EXISTS (SELECT 1 FROM pg_index WHERE indrelid = 'public.raw_data'::regclass AND indisprimary) THEN
             -- Another primary key (an id column, say): the key goes in as a unique index.
-            CREATE UNIQUE INDEX raw_data_user_id_metric_timestamp_key ON raw_data (user_id, metric, "timestamp");
+            CREATE UNIQUE INDEX raw_data_user_id_metric_timestamp_key ON public.raw_data (user_id, metric, "timestamp");
         ELSE
-            ALTER TABLE raw_data ADD PRIMARY KEY (user_id, metric, "timestamp");
+            ALTER TABLE public.raw_data ADD PRIMARY KEY (user_id, metric, "timestamp");
         END IF;
     END IF;
 END
@@ -47,7 +51,7 @@ $$;
 -- touches one chunk. With thousands of users, shorten it: SELECT set_chunk_time_interval(...).
 -- migrate_data converts a plain raw_data that already holds rows instead of failing.
 SELECT create_hypertable(
-    'raw_data', 'timestamp',
+    'public.raw_data', 'timestamp',
     chunk_time_interval => INTERVAL '1 day',
     if_not_exists => TRUE,
     migrate_data => TRUE
@@ -61,7 +65,7 @@ SELECT create_hypertable(
 -- most every 30 s); a run killed before it could finish stays 'running' until a later run finds
 -- its heartbeat older than 15 minutes and marks it 'interrupted'. (No session-level lock: the
 -- loader keeps no state beyond its own transactions, so it works through a pooler.)
-CREATE TABLE IF NOT EXISTS ingest_runs (
+CREATE TABLE IF NOT EXISTS public.ingest_runs (
     run_id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     started_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     finished_at      TIMESTAMPTZ,
@@ -82,7 +86,7 @@ CREATE TABLE IF NOT EXISTS ingest_runs (
     rows_duplicate   BIGINT      NOT NULL DEFAULT 0,
     error            TEXT
 );
-ALTER TABLE ingest_runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMPTZ;
+ALTER TABLE public.ingest_runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMPTZ;
 
 -- The file manifest: one row per file (path relative to DATA_DIR, escaped), written in the same
 -- transaction as the file's rows; a loader claims a file by locking its row. status: 'loaded';
@@ -92,7 +96,7 @@ ALTER TABLE ingest_runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMPTZ;
 -- only inside the transaction that claims a file for the first time. A 'loaded' or 'failed' file
 -- whose size and modification time (or, when only the time changed, content hash) match its row
 -- is skipped without being parsed.
-CREATE TABLE IF NOT EXISTS ingest_files (
+CREATE TABLE IF NOT EXISTS public.ingest_files (
     path             TEXT        PRIMARY KEY,
     size             BIGINT      NOT NULL,
     mtime_ns         BIGINT      NOT NULL,
@@ -105,16 +109,17 @@ CREATE TABLE IF NOT EXISTS ingest_files (
     rows_duplicate   BIGINT      NOT NULL DEFAULT 0,
     error            TEXT,
     loaded_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
-    run_id           BIGINT      REFERENCES ingest_runs (run_id) ON DELETE SET NULL
+    run_id           BIGINT      REFERENCES public.ingest_runs (run_id) ON DELETE SET NULL
 );
-ALTER TABLE ingest_files ADD COLUMN IF NOT EXISTS records_done BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE public.ingest_files ADD COLUMN IF NOT EXISTS records_done BIGINT NOT NULL DEFAULT 0;
 DO $$
 BEGIN
     -- A manifest made by version 0.1 allows only 'loaded' and 'failed'.
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'ingest_files_status_check'
+                   AND conrelid = 'public.ingest_files'::regclass
                    AND pg_get_constraintdef(oid) LIKE '%partial%') THEN
-        ALTER TABLE ingest_files DROP CONSTRAINT IF EXISTS ingest_files_status_check;
-        ALTER TABLE ingest_files ADD CONSTRAINT ingest_files_status_check
+        ALTER TABLE public.ingest_files DROP CONSTRAINT IF EXISTS ingest_files_status_check;
+        ALTER TABLE public.ingest_files ADD CONSTRAINT ingest_files_status_check
             CHECK (status IN ('new', 'loaded', 'failed', 'error', 'partial'));
     END IF;
 END
@@ -123,7 +128,7 @@ $$;
 -- Keys written during a run in --on-conflict update mode, so that a later file of the same run
 -- does not overwrite a key an earlier file set (first in order wins in both modes). Unlogged and
 -- emptied at the end of each run: it is scratch space, not history.
-CREATE UNLOGGED TABLE IF NOT EXISTS ingest_run_keys (
+CREATE UNLOGGED TABLE IF NOT EXISTS public.ingest_run_keys (
     run_id      BIGINT      NOT NULL,
     user_id     TEXT        NOT NULL,
     metric      TEXT        NOT NULL,

@@ -181,3 +181,51 @@ def test_status_that_cannot_connect_answers_in_json_when_asked(monkeypatch, caps
     assert ingest.main(["status", "--json"]) == 3
     report = json.loads(capsys.readouterr().out)
     assert report["exit_code"] == 3 and "cannot connect" in report["error"]
+
+
+# --- 6. a search_path that puts another schema's raw_data first --------------------------------
+DECOY = """
+CREATE SCHEMA reporting;
+CREATE TABLE reporting.raw_data (user_id text, metric text, "timestamp" timestamptz, value float8,
+                                 PRIMARY KEY (user_id, metric, "timestamp"));
+CREATE TABLE reporting.seen (who text);
+CREATE FUNCTION reporting.spy() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN INSERT INTO reporting.seen VALUES (current_user); RETURN NEW; END $$;
+CREATE TRIGGER spy BEFORE INSERT ON reporting.raw_data FOR EACH ROW EXECUTE FUNCTION reporting.spy();
+CREATE TABLE reporting.ingest_files (LIKE public.ingest_files);
+"""
+
+
+@pytest.mark.parametrize("when", ["before the first run", "after the first run"])
+def test_a_search_path_that_puts_another_raw_data_first_sends_no_row_there(run, empty_db, when):
+    db = empty_db
+    run.mp.setenv("POSTGRES_DB", db.name)
+    run.write("a.json", [rec()])
+    if when == "after the first run":
+        assert run() == 0
+        db.query(DECOY)
+    else:
+        db.query("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        db.query(DECOY.replace("(LIKE public.ingest_files)", "(path text)"))
+    db.query(f'ALTER DATABASE "{db.name}" SET search_path = "$user", reporting, public')
+    run.write("b.json", [rec(ts="2024-01-01T00:00:01Z")])
+    assert run() == 0
+    assert db.query("SELECT count(*) FROM public.raw_data") == [(2,)]
+    assert db.query("SELECT count(*) FROM reporting.raw_data") == [(0,)]
+    assert db.query("SELECT count(*) FROM reporting.seen") == [(0,)]
+    assert db.query("SELECT count(*) FROM public.ingest_files WHERE status = 'loaded'") == [(2,)]
+
+
+def test_a_raw_data_that_is_not_a_hypertable_is_refused_before_any_row(run, empty_db, capsys):
+    db = empty_db
+    run.mp.setenv("POSTGRES_DB", db.name)
+    run.write("a.json", [rec()])
+    assert run() == 0
+    db.query("ALTER TABLE public.raw_data RENAME TO raw_data_hyper")
+    db.query('CREATE TABLE public.raw_data (user_id text NOT NULL, metric text NOT NULL, "timestamp" timestamptz '
+             'NOT NULL, value float8 NOT NULL, PRIMARY KEY (user_id, metric, "timestamp"))')
+    run.write("b.json", [rec(ts="2024-01-01T00:00:01Z")])
+    capsys.readouterr()
+    assert run("--no-bootstrap") == 2
+    assert "not a TimescaleDB hypertable" in one_error(capsys.readouterr().err)
+    assert db.query("SELECT count(*) FROM public.raw_data") == [(0,)]
