@@ -1380,6 +1380,11 @@ def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None 
     for here, base, entry in _walk(root, found):
         name = entry.name
         rel = _escape_name(base + name)
+        if _archive_kind(name) and entry.is_file():
+            log.warning("%s is %s: the loader reads folders, not archives; %s", rel, _archive_kind(name),
+                        _extract_hint(rel))
+            found.append(DataFile(here / name, rel, "ignored"))
+            continue
         if not _may_hold_data(rel, source_format):
             log.debug("skipping %s: not a file this loader reads", rel)
             continue
@@ -1391,7 +1396,10 @@ def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None 
         owner = None
         if kind in FITBIT_KINDS:
             owner = user_id or derive_user_id(root, path, kind=kind)
-            if not user_id and owner not in derived:
+            if owner is None and error is None:
+                error = ("cannot tell whose data this is (its folders name no person and no export): "
+                         "set USER_ID or --user-id")
+            elif not user_id and owner not in derived:
                 derived[owner] = rel
                 log.info("%s and the files beside it carry no user id: loading them as user %r "
                          "(set USER_ID or --user-id to choose one)", rel, owner)
@@ -1402,11 +1410,30 @@ def load_files(data_dir: Path, source_format: str = "auto", user_id: str | None 
     if source_format == "auto":  # beside Fitbit files, a JSON file without records is one more of theirs
         fitbit_dirs = {df.path.parent for df in found if df.kind in FITBIT_KINDS}
         found = [df._replace(kind="ignored") if df.kind == "json" and df.error is None
-                 and df.path.parent in fitbit_dirs and b'"user_id"' not in _head(df.path) else df for df in found]
+                 and df.path.parent in fitbit_dirs
+                 and not _holds_flat_records(df.path, df.gzipped, b"" if df.gzipped else _head(df.path))
+                 else df for df in found]
     yield from sorted(found, key=lambda df: df.rel)
 
 
 _EXPORT_DIRS = ("takeout", "fitbit", "global export data")
+_ARCHIVES = ((".zip", "a zip archive"), (".tgz", "a tar archive"), (".tar.gz", "a tar archive"),
+             (".tar", "a tar archive"), (".tar.bz2", "a tar archive"), (".tar.xz", "a tar archive"))
+
+
+def _archive_kind(name: str) -> str | None:
+    """"a zip archive" / "a tar archive" for a file named like one (a Takeout download), else None."""
+    lower = name.lower()
+    return next((kind for suffix, kind in _ARCHIVES if lower.endswith(suffix)), None)
+
+
+def _extract_hint(name: str) -> str:
+    from shlex import quote
+
+    folder = quote(re.sub(r"(?i)(\.zip|\.tgz|\.tar(\.gz|\.bz2|\.xz)?)$", "", name) or "export")
+    if name.lower().endswith(".zip"):
+        return f"extract it (unzip {quote(name)} -d {folder}) and load that folder"
+    return f"extract it (mkdir {folder} && tar -xf {quote(name)} -C {folder}) and load that folder"
 
 
 def _may_hold_data(rel: str, source_format: str) -> bool:
@@ -1433,19 +1460,52 @@ def _kind_of(path: Path, rel: str, source_format: str) -> tuple[str | None, bool
     flat = _KINDS.get(os.path.splitext(lower[:-3] if gzipped else lower)[1])
     if source_format == "flat":
         return flat, gzipped
-    fitbit = None
+    fitbit, head = None, b""
     if not gzipped and lower.endswith((".json", ".csv")):
-        fitbit = fitbit_kind(rel, _head(path))
+        head = _head(path)
+        fitbit = fitbit_kind(rel, head)
     if fitbit is not None and source_format in ("auto", fitbit_format(fitbit)):
         return fitbit, False
     in_export = _in_export(rel)
     if source_format != "auto" or in_export:
         # A data file of the flat format stays one, wherever it lies.
-        if flat is not None and source_format == "auto" and b'"user_id"' in _head(path):
+        if flat is not None and source_format == "auto" and _holds_flat_records(path, gzipped, head):
             return flat, gzipped
         return ("ignored" if (in_export or fitbit is not None or flat is not None or lower.endswith(".csv"))
                 else None), False
     return flat, gzipped
+
+
+FLAT_SNIFF_CHARS = 1 << 20  # how much of a file's text is read, at most, to find its first record
+
+
+def _holds_flat_records(path: Path, gzipped: bool, head: bytes) -> bool:
+    """Is the first record of this file an object with a key of the flat format? Asked of a .json
+    (or JSON Lines) file in an export's folder, whose name cannot tell a Task-0 file from the
+    export's own JSON. Read as the loader reads it (gzip, UTF-16/32 with a BOM), far enough for its
+    first record; the first 4 KB, ``head``, settle most files without opening them again."""
+    if head and not head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        verdict = _first_record_is_flat(head.decode("utf-8", "replace"), complete=len(head) < 4096)
+        if verdict is not None:
+            return verdict
+    try:
+        with _open_text(path, gzipped, None) as text:
+            return bool(_first_record_is_flat(text.read(FLAT_SNIFF_CHARS), complete=True))
+    except (OSError, EOFError, UnicodeDecodeError, IngestError, *_decompression_errors()):
+        return True  # unreadable: loaded as flat, so that the loader says why it fails
+
+
+def _first_record_is_flat(text: str, complete: bool) -> bool | None:
+    """From a file's first characters: does its first record hold a key of the flat format? None
+    when the record goes on past them (and ``complete`` is False: there is more to read)."""
+    start = len(text) - len(text.lstrip("\ufeff \t\r\n["))
+    try:
+        first, _ = _FAST.raw_decode(text, start)
+    except (ValueError, RecursionError):  # cut short, or not JSON: by its keys as written
+        if not complete:
+            return None
+        return any(f'"{key}"' in text for key in REQUIRED_KEYS)
+    return type(first) is dict and any(key in first for key in REQUIRED_KEYS)
 
 
 def _head(path: Path) -> bytes:
@@ -1631,47 +1691,67 @@ def fitbit_format(kind: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # User id
 # ---------------------------------------------------------------------------------------------
-_fb_GENERIC_DIRS = {"takeout", "fitbit"}
+_fb_GENERIC_DIRS = {"takeout", "fitbit", "google health", "myfitbitdata"}
+# The folders Fitbit's and Google's exports sort data into (besides any "…_GoogleData" one).
+_fb_DATA_TYPE_DIRS = {
+    "global export data", "oxygen saturation (spo2)", "heart rate variability", "active zone minutes (azm)",
+    "physical activity", "sleep", "sleep score", "stress", "stress score", "your profile", "personal & account",
+    "temperature", "menstrual health", "biometrics", "daily readiness", "heart rate notifications", "mindfulness",
+    "health coaching", "ecg", "irregular rhythm notifications", "application", "social", "other",
+}
 _fb_TAKEOUT_PART = re.compile(r"(?i)(takeout-\d{8}T\d{6}Z)-\d{3}")  # multi-part archive folders
 _fb_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]+")
 
 
-def derive_user_id(data_dir: Path, file_path: Path, *, kind: str | None = None) -> str:
-    """A stable, readable user id for a file when none is configured.
-
-    Rule: the name of the export's own directory --
-      1. the directory that contains a ``Takeout`` folder on the file's path
-         (``DATA/alice/Takeout/Fitbit/...`` -> ``alice``);
-      2. otherwise the top folder under ``data_dir`` (``DATA/bob/Fitbit/...`` -> ``bob``),
-         skipping the generic names ``Takeout`` and ``Fitbit``;
-      3. otherwise (the file sits directly in, or only under generic folders of, ``data_dir``)
-         the name of ``data_dir`` itself.
-    A multi-part archive folder ``takeout-20240102T030405Z-001`` (-002, ...) counts as
-    ``takeout-20240102T030405Z``, so all parts of one export get one id. The name is kept as it
-    is except that runs of characters other than letters, digits and ``._@-`` become ``_``; the
-    result is ``takeout-<name>`` (``api-<name>`` for an ``api-*`` kind), and a name that already
-    starts with that prefix is not prefixed twice. Pure function of the two paths (no I/O).
+def derive_user_id(data_dir: Path, file_path: Path, *, kind: str | None = None) -> str | None:
+    """A stable, readable user id for a file when none is configured: the name of the export's
+    own directory, taken from the export as a whole, never from a folder inside it --
+      1. the directory that holds the ``Takeout`` folder on the file's path, ``data_dir``'s own
+         path included (``DATA/alice/Takeout/Fitbit/...``, or ``--data-dir ~/alice/Takeout``:
+         ``alice``);
+      2. otherwise the first folder under ``data_dir`` that is neither a product folder
+         (``Fitbit``, ``Google Health``, ``MyFitbitData``) nor one an export sorts its data into
+         (``Global Export Data``, ``Oxygen Saturation (SpO2)``, ``…_GoogleData``, …):
+         ``DATA/bob/Fitbit/...`` -> ``bob``;
+      3. otherwise the first such folder from ``data_dir`` upwards (``data_dir`` itself, usually).
+    None when every folder on the way is one of those (whose data it is cannot be told: the
+    loader then asks for --user-id rather than guess). A multi-part archive folder
+    ``takeout-20240102T030405Z-001`` (-002, ...) counts as ``takeout-20240102T030405Z``, so all parts
+    of one export get one id. Runs of characters other than letters, digits and ``._@-`` become
+    ``_``; the result is ``takeout-<name>`` (``api-<name>`` for an ``api-*`` kind), a name that
+    already starts with that prefix not prefixed twice. Pure function of the two paths (no I/O).
     """
     data_dir, file_path = Path(os.path.abspath(data_dir)), Path(os.path.abspath(file_path))
     try:
-        parts = file_path.relative_to(data_dir).parts[:-1]
-    except ValueError:
-        parts = file_path.parts[-2:-1]
-    name = ""
-    for index, part in enumerate(parts):
-        if part.lower() == "takeout":
-            name = parts[index - 1] if index > 0 else ""
-            break
+        inside = file_path.relative_to(data_dir).parts[:-1]
+        above = data_dir.parts
+    except ValueError:  # a file outside data_dir (a symlink's target): its own folders
+        inside, above = (), file_path.parts[:-1]
+    folders = (*above, *inside)
+    # A Takeout folder above data_dir counts when data_dir is it, or one of its export folders.
+    first = len(above) - 1
+    while first > 0 and _fb_export_folder(above[first]) and above[first].lower() != "takeout":
+        first -= 1
+    takeout = [index for index, part in enumerate(folders) if part.lower() == "takeout" and index >= first]
+    if takeout and takeout[-1] > 0 and folders[takeout[-1] - 1] not in ("", "/"):
+        name = folders[takeout[-1] - 1]
     else:
-        name = next((p for p in parts if p.lower() not in _fb_GENERIC_DIRS), "")
-    if not name:
-        name = data_dir.name or "export"
+        name = next((p for p in (*inside, *reversed(above)) if p not in ("", "/") and not _fb_export_folder(p)), None)
+    if name is None:
+        return None
     name = _fb_TAKEOUT_PART.sub(r"\1", name)
     name = _fb_UNSAFE.sub("_", name).strip("_") or "export"
     prefix = "api-" if kind is not None and kind.startswith("api-") else "takeout-"
     if name.lower().startswith(prefix):
         return name[:255]
     return (prefix + name)[:255]
+
+
+def _fb_export_folder(name: str) -> bool:
+    """Is this a folder every export has, named for the product or a type of data, never for whose
+    export it is?"""
+    lower = name.lower()
+    return lower in _fb_GENERIC_DIRS or lower in _fb_DATA_TYPE_DIRS or lower.endswith("_googledata")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3634,7 +3714,7 @@ class Summary:
         return " ".join(f"{k}={data[k]}" for k in keys) + f" seconds={self.seconds:.2f}"
 
 
-_MANIFEST_COLUMNS = ("size, mtime_ns, sha256, status, error, records_done, records_read, records_rejected, "
+_MANIFEST_COLUMNS = ("size, mtime_ns, sha256, status, error, records_done, settings, records_read, records_rejected, "
                      "rows_inserted, rows_updated, rows_duplicate")
 # Claim a file: its manifest row, made if missing, locked for this transaction. A row another
 # loader holds (or is making) answers "lock not available" after lock_timeout: the file is busy.
@@ -3645,18 +3725,19 @@ _CLAIM_SQL = f"""
 SET LOCAL synchronous_commit = off;
 SET LOCAL statement_timeout = %(timeout_ms)s;
 SET LOCAL lock_timeout = %(wait_ms)s;
-INSERT INTO public.ingest_files (path, size, mtime_ns, status) VALUES (%(path)s, -1, -1, 'new') ON CONFLICT DO NOTHING;
-SELECT FROM public.ingest_files WHERE path = %(path)s FOR UPDATE;
+INSERT INTO public.ingest_files (data_dir, path, size, mtime_ns, status) VALUES (%(data_dir)s, %(path)s, -1, -1, 'new')
+ON CONFLICT DO NOTHING;
+SELECT FROM public.ingest_files WHERE data_dir = %(data_dir)s AND path = %(path)s FOR UPDATE;
 SET LOCAL lock_timeout = 0;
 SAVEPOINT ingest_file;
-SELECT {_MANIFEST_COLUMNS} FROM public.ingest_files WHERE path = %(path)s
+SELECT {_MANIFEST_COLUMNS} FROM public.ingest_files WHERE data_dir = %(data_dir)s AND path = %(path)s
 """
 _MANIFEST_UPDATE = """
 UPDATE public.ingest_files SET size = %(size)s, mtime_ns = %(mtime_ns)s, sha256 = %(sha256)s, status = %(status)s,
     error = %(error)s, records_done = %(records_done)s, records_read = %(records_read)s,
     records_rejected = %(records_rejected)s, rows_inserted = %(rows_inserted)s, rows_updated = %(rows_updated)s,
-    rows_duplicate = %(rows_duplicate)s, loaded_at = now(), run_id = %(run_id)s
-WHERE path = %(path)s
+    rows_duplicate = %(rows_duplicate)s, settings = %(settings)s, loaded_at = now(), run_id = %(run_id)s
+WHERE data_dir = %(data_dir)s AND path = %(path)s
 """
 _MANIFEST_COMMIT = f"{_MANIFEST_UPDATE}; COMMIT; BEGIN"  # (see _Loader._commit)
 
@@ -3681,7 +3762,9 @@ class _Loader:
                  known: dict | None = None, progress: _Progress | None = None, helper: bool = False) -> None:
         self.cfg, self.run_id, self.stop, self.chunk_seconds = cfg, run_id, stop, chunk_seconds
         self.helper = helper  # the only loader of the run: a large file's far half may go to a helper
-        self.known = known or {}  # manifest at the start of the run: path -> (size, mtime_ns, status, error)
+        self.known = known or {}  # manifest at the start: path -> (size, mtime_ns, status, error, settings)
+        self.data_dir = _data_dir_key(cfg)  # with the path, a file's key in the manifest
+        self.other_settings: Counter = Counter()  # unchanged files loaded with other settings, by those settings
         self.progress = progress
         self.rejects = _Rejects(cfg.reject_file, run_id)
         self.make_line = _LineMaker(cfg.source_tz)
@@ -3690,9 +3773,28 @@ class _Loader:
         self.ahead_files: list[DataFile] | None = None  # the files it is for, until it starts
         self.heartbeat_at = time.monotonic()
         self.in_file = False  # inside a claimed file's transaction, after its savepoint
-        self.committed = (0, Counts())  # the file in flight: records done and counts, as committed
+        # the file in flight, as committed: records done, its counts, and this run's part of them
+        self.committed = (0, Counts(), Counts())
 
     # --- the pipeline for one file ---------------------------------------------------------------
+    def settings_of(self, df: DataFile) -> str:
+        """The settings that shape a file's rows, as the manifest records them."""
+        user = f"user_id={df.user_id}; " if df.user_id else ""
+        return f"{user}source_timezone={self.cfg.source_tz}; format={self.cfg.source_format}"
+
+    def _unchanged(self, df: DataFile, status: str, error: str | None, settings: str | None) -> FileResult:
+        if settings is not None and settings != self.settings_of(df):
+            self.other_settings[settings] += 1
+        return _unchanged_result(df, status, error)
+
+    def warn_of_other_settings(self) -> None:
+        """Once a run: unchanged files skipped that were loaded with other settings than this run's."""
+        for settings, count in self.other_settings.items():
+            log.warning("%d unchanged file(s) were loaded with other settings (%s) than this run's: not loaded "
+                        "again. To load them with these, see docs/operations.md, 'Loaded with the wrong settings'",
+                        count, settings)
+        self.other_settings.clear()
+
     def _load_file(self, conn, df: DataFile, wait_ms: int) -> FileResult:
         """Claim → read and validate → insert → record → commit (per part: usually one)."""
         claim = self._claim(conn, df, wait_ms)
@@ -3700,6 +3802,7 @@ class _Loader:
             return claim  # unchanged, unchanged and bad, or another loader's
         rows = self._rows(df, claim)
         total, here = claim.counts, Counts()  # the file's counts (earlier runs' parts too), this run's
+        partial_sha256 = None
         try:
             while True:
                 part = insert_records(conn, rows.part(), batch_size=self.cfg.batch_size,
@@ -3709,9 +3812,11 @@ class _Loader:
                 total += part
                 here += part
                 status = "loaded" if rows.finished else "partial"
-                sha256 = rows.digest.hexdigest() if rows.finished else None
+                # (a part committed: the whole file's hash, for a later run to prove a resume with)
+                sha256 = rows.digest.hexdigest() if rows.finished else partial_sha256 or _file_sha256(df.path)
+                partial_sha256 = sha256
                 self._commit(conn, df, claim.stat, status, total, rows.done, sha256)
-                self.committed = (rows.done, total.copy())
+                self.committed = (rows.done, total.copy(), here.copy())
                 if rows.finished:
                     break
                 if not self._reclaim(conn, df, rows.done):
@@ -3741,25 +3846,27 @@ class _Loader:
         psycopg2 = _psycopg2()
         with conn.cursor() as cur:
             try:
-                cur.execute(_CLAIM_SQL, {"path": df.rel, "timeout_ms": self.cfg.statement_timeout * 1000,
-                                         "wait_ms": wait_ms})
+                cur.execute(_CLAIM_SQL, {"data_dir": self.data_dir, "path": df.rel,
+                                         "timeout_ms": self.cfg.statement_timeout * 1000, "wait_ms": wait_ms})
             except psycopg2.errors.LockNotAvailable:
                 conn.rollback()
                 return FileResult(df.rel, "busy")
-            size, mtime_ns, sha256, status, error, done, *counts = cur.fetchone()
+            size, mtime_ns, sha256, status, error, done, settings, *counts = cur.fetchone()
             same = size == st.st_size and (mtime_ns == st.st_mtime_ns or (
                 sha256 is not None and _file_sha256(df.path) == sha256))
             if same and mtime_ns != st.st_mtime_ns:
-                cur.execute("UPDATE public.ingest_files SET mtime_ns = %s WHERE path = %s", (st.st_mtime_ns, df.rel))
+                cur.execute("UPDATE public.ingest_files SET mtime_ns = %s WHERE data_dir = %s AND path = %s",
+                            (st.st_mtime_ns, self.data_dir, df.rel))
             if same and status in ("loaded", "failed") and not self.cfg.force:
                 conn.commit()
-                return _unchanged_result(df, status, error)
+                return self._unchanged(df, status, error, settings)
         self.in_file = True
-        if same and status in ("partial", "error") and done:
+        # A resume must prove it is the same file: its content hash, taken when its first part committed.
+        if same and status in ("partial", "error") and done and sha256 is not None and _file_sha256(df.path) == sha256:
             log.info("%s: resuming after record %d (committed by an earlier run)", df.rel, done)
-            self.committed = (done, Counts(*counts))
+            self.committed = (done, Counts(*counts), Counts())
             return _Claim(st, done, Counts(*counts), direct=True)
-        self.committed = (0, Counts())
+        self.committed = (0, Counts(), Counts())
         return _Claim(st, 0, Counts(), direct=status not in ("loaded", "failed"))
 
     def _reclaim(self, conn, df: DataFile, done: int) -> bool:
@@ -3767,14 +3874,15 @@ class _Loader:
         psycopg2 = _psycopg2()
         with conn.cursor() as cur:
             try:
-                cur.execute(_CLAIM_SQL, {"path": df.rel, "timeout_ms": self.cfg.statement_timeout * 1000,
-                                         "wait_ms": CLAIM_WAIT_MS})
+                cur.execute(_CLAIM_SQL, {"data_dir": self.data_dir, "path": df.rel,
+                                         "timeout_ms": self.cfg.statement_timeout * 1000, "wait_ms": CLAIM_WAIT_MS})
             except psycopg2.errors.LockNotAvailable:
                 conn.rollback()
                 return False
             if cur.fetchone()[5] != done:
                 conn.rollback()
                 return False
+        self.in_file = True  # a later part's failure is recorded on the row, as the first part's would be
         return True
 
     def _commit(self, conn, df: DataFile, st: os.stat_result, status: str, counts: Counts, done: int,
@@ -3790,8 +3898,9 @@ class _Loader:
             _rollback(conn)
             raise
         with conn.cursor() as cur:
-            cur.execute(_MANIFEST_COMMIT, {"path": df.rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                           "sha256": sha256, "status": status, "error": error, "records_done": done,
+            cur.execute(_MANIFEST_COMMIT, {"data_dir": self.data_dir, "path": df.rel, "size": st.st_size,
+                                           "mtime_ns": st.st_mtime_ns, "sha256": sha256, "status": status,
+                                           "error": error, "records_done": done, "settings": self.settings_of(df),
                                            "run_id": self.run_id, **counts.as_dict()})
         self.in_file = False
 
@@ -3825,6 +3934,12 @@ class _Loader:
         """The file's result when the manifest, as read at the start of the run, shows it loaded
         (or failed) with the same size and mtime: no connection, no round trip. Otherwise None,
         and the claim decides (on the manifest row itself)."""
+        seen = self._known_state(df)
+        return None if seen is None else self._unchanged(df, *seen[2:5])
+
+    def _known_state(self, df: DataFile) -> tuple | None:
+        """The file's manifest row as read at the start, when it shows the file loaded (or failed)
+        with the size and mtime it has now; else None."""
         seen = self.known.get(df.rel)
         if not seen or self.cfg.force or seen[2] not in ("loaded", "failed"):
             return None
@@ -3832,9 +3947,7 @@ class _Loader:
             st = df.path.stat()
         except OSError:
             return None  # the claim says why
-        if seen[:2] != (st.st_size, st.st_mtime_ns):
-            return None
-        return _unchanged_result(df, seen[2], seen[3])
+        return seen if seen[:2] == (st.st_size, st.st_mtime_ns) else None
 
     def _attempt(self, df: DataFile, wait_ms: int, retrying: bool) -> FileResult:
         """One try of the pipeline; the file's own failures become a failed result. Raises _Lost
@@ -3870,13 +3983,13 @@ class _Loader:
         reason = _storable(str(exc) if isinstance(exc, IngestError) else f"the database refused it: {_pg_message(exc)}")
         self.rejects.discard()
         self.rejects.add(df.rel, None, f"file failed: {reason}")
-        result = FileResult(df.rel, "failed", error=reason)
+        done, counts, here = self.committed  # parts committed before the failure stay, and count
+        result = FileResult(df.rel, "failed", here.copy(), error=reason)
         conn = self.conn
         if conn is not None and not conn.closed and self.in_file:
             try:
                 with conn.cursor() as cur:
                     cur.execute("ROLLBACK TO SAVEPOINT ingest_file")
-                done, counts = self.committed
                 self._commit(conn, df, df.path.stat(), status, counts, done, None, reason)
                 return result
             except (OSError, ValueError, _psycopg2().Error) as recording:  # the failure is still reported, the
@@ -3934,12 +4047,13 @@ class _Loader:
         which are read here, with it."""
         files, self.ahead_files = self.ahead_files, None
         at = next((i for i, f in enumerate(files) if f.rel == df.rel), len(files))
-        ahead = [f for f in files[at:] if f.error is None and f.kind != "ignored" and self._known_unchanged(f) is None
+        ahead = [f for f in files[at:] if f.error is None and f.kind != "ignored" and self._known_state(f) is None
                  and _size_or_zero(f.path) < FAR_HALF_MIN_BYTES]
         self.ahead = _ReadAhead.start(ahead, self.cfg, self.run_id, self.chunk_seconds)
 
     def close(self) -> None:
         """End the connection: a last synchronous commit makes every earlier one durable."""
+        self.warn_of_other_settings()
         if self.ahead is not None:
             self.ahead.close()
         self.rejects.close()
@@ -4001,7 +4115,7 @@ def _start_run(conn, cfg: Config) -> int:
             cur.execute("DELETE FROM public.ingest_run_keys WHERE run_id = ANY(%s)", (stale,))
         cur.execute("INSERT INTO public.ingest_runs (host, pid, version, data_dir, on_conflict, heartbeat_at) "
                     "VALUES (%s, %s, %s, %s, %s, now()) RETURNING run_id",
-                    (here, os.getpid(), __version__, _escape_name(str(cfg.data_dir.resolve())),
+                    (here, os.getpid(), __version__, _data_dir_key(cfg),
                      cfg.on_conflict))
         run_id = cur.fetchone()[0]
     conn.commit()
@@ -4226,9 +4340,16 @@ def _check_files(cfg: Config, files: list[DataFile], summary: Summary, stop: _St
         rejects.close()
 
 
-def _manifest(conn) -> dict:
+def _data_dir_key(cfg: Config) -> str:
+    """The data directory as the manifest and the run log name it: absolute, escaped."""
+    return _escape_name(str(cfg.data_dir.resolve()))
+
+
+def _manifest(conn, cfg: Config) -> dict:
+    """What the manifest knows of the files of this run's data directory, by path."""
     with conn.cursor() as cur:
-        cur.execute("SELECT path, size, mtime_ns, status, error FROM public.ingest_files")
+        cur.execute("SELECT path, size, mtime_ns, status, error, settings FROM public.ingest_files WHERE data_dir = %s",
+                    (_data_dir_key(cfg),))
         known = {path: tuple(rest) for path, *rest in cur.fetchall()}
     conn.commit()
     return known
@@ -4247,12 +4368,16 @@ def _run(cfg: Config, summary: Summary, stop: _Stop) -> None:
                 chunk_seconds = _prepare(conn, cfg)
                 try:
                     summary.run_id = _start_run(conn, cfg)
-                    known = _manifest(conn)
+                    known = _manifest(conn, cfg)
                 except _psycopg2().Error as exc:
                     _rollback(conn)
                     raise _refused_at_start(exc, "cannot start a run") from None
             finally:
                 files = listing.files()
+        if files and all(df.kind == "ignored" and _archive_kind(df.rel) for df in files):
+            err = ConfigError(f"DATA_DIR holds no data, only {len(files)} archive(s), e.g. {files[0].rel}")
+            err.hint = _extract_hint(files[0].rel)
+            raise err
         with _Progress.shown(cfg.progress, files) as progress:
             if cfg.dry_run:
                 _check_files(cfg, files, summary, stop, progress)
@@ -4560,6 +4685,10 @@ def _resolve_config(args: argparse.Namespace, environ: dict) -> Config:
         raise ConfigError(f"POSTGRES_PORT: {exc}") from None
     data_dir = Path(values["DATA_DIR"])
     if not data_dir.is_dir():
+        if data_dir.is_file() and _archive_kind(data_dir.name):
+            err = ConfigError(f"DATA_DIR {_escape_name(str(data_dir))} is {_archive_kind(data_dir.name)}, not a directory")
+            err.hint = _extract_hint(str(data_dir)) + " as DATA_DIR"
+            raise err
         raise ConfigError(f"DATA_DIR {_escape_name(str(data_dir))} is not a directory")
     try:
         os.listdir(data_dir)
@@ -4721,7 +4850,8 @@ _STATUS_QUERIES = {
     "runs": "SELECT run_id, started_at, finished_at, status, host, files_seen, files_loaded, files_skipped, "
             "files_failed, records_read, records_rejected, rows_inserted, rows_updated, rows_duplicate, error "
             "FROM public.ingest_runs ORDER BY run_id DESC LIMIT %(limit)s",
-    "failed_files": "SELECT path, error, run_id, loaded_at FROM public.ingest_files WHERE status IN ('failed', 'error') "
+    "failed_files": "SELECT path, data_dir, error, run_id, loaded_at FROM public.ingest_files "
+                    "WHERE status IN ('failed', 'error') "
                     "ORDER BY run_id DESC NULLS LAST, path",
 }
 

@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS public.ingest_runs (
 );
 ALTER TABLE public.ingest_runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMPTZ;
 
--- The file manifest: one row per file (path relative to DATA_DIR, escaped), written in the same
+-- The file manifest: one row per file (its DATA_DIR, and its path relative to it, both escaped), written in the same
 -- transaction as the file's rows; a loader claims a file by locking its row. status: 'loaded';
 -- 'failed' (its bytes cannot be read as records: skipped while unchanged); 'error' (the
 -- environment failed it: permissions, I/O, a database refusal: tried again every run); 'partial'
@@ -97,7 +97,8 @@ ALTER TABLE public.ingest_runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMPTZ
 -- whose size and modification time (or, when only the time changed, content hash) match its row
 -- is skipped without being parsed.
 CREATE TABLE IF NOT EXISTS public.ingest_files (
-    path             TEXT        PRIMARY KEY,
+    data_dir         TEXT        NOT NULL DEFAULT '',
+    path             TEXT        NOT NULL,
     size             BIGINT      NOT NULL,
     mtime_ns         BIGINT      NOT NULL,
     sha256           TEXT,
@@ -109,9 +110,28 @@ CREATE TABLE IF NOT EXISTS public.ingest_files (
     rows_duplicate   BIGINT      NOT NULL DEFAULT 0,
     error            TEXT,
     loaded_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
-    run_id           BIGINT      REFERENCES public.ingest_runs (run_id) ON DELETE SET NULL
+    run_id           BIGINT      REFERENCES public.ingest_runs (run_id) ON DELETE SET NULL,
+    PRIMARY KEY (data_dir, path)
 );
 ALTER TABLE public.ingest_files ADD COLUMN IF NOT EXISTS records_done BIGINT NOT NULL DEFAULT 0;
+-- The settings that shaped a file's rows (user id, time zone, format), to tell a re-run with
+-- other ones that they differ.
+ALTER TABLE public.ingest_files ADD COLUMN IF NOT EXISTS settings TEXT;
+-- A file is known by its data directory and its path in it: two directories holding the same
+-- names (two users, two cron jobs) never share a row. A manifest keyed by the path alone (before
+-- 0.3) is keyed again, each row under the data directory of the run that wrote it.
+ALTER TABLE public.ingest_files ADD COLUMN IF NOT EXISTS data_dir TEXT NOT NULL DEFAULT '';
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'public.ingest_files'::regclass
+                   AND contype = 'p' AND pg_get_constraintdef(oid) LIKE '%data_dir%') THEN
+        UPDATE public.ingest_files f SET data_dir = r.data_dir
+        FROM public.ingest_runs r WHERE f.data_dir = '' AND f.run_id = r.run_id;
+        ALTER TABLE public.ingest_files DROP CONSTRAINT IF EXISTS ingest_files_pkey;
+        ALTER TABLE public.ingest_files ADD PRIMARY KEY (data_dir, path);
+    END IF;
+END
+$$;
 DO $$
 BEGIN
     -- A manifest made by version 0.1 allows only 'loaded' and 'failed'.

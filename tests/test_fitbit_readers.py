@@ -602,11 +602,33 @@ def test_api_wrapped_bodies_from_wearipedia_are_unwrapped():
     ("Fitbit/dave/heart_rate-2020-01-01.json", None, "takeout-dave"),
     ("heart_rate-2020-01-01.json", None, "takeout-data"),
     ("bob-api/heart-2023-01-01.json", "api-heart", "api-bob-api"),
+    ("Global Export Data/heart_rate-2020-01-01.json", None, "takeout-data"),
+    ("Fitbit/Physical Activity_GoogleData/steps_2023-01-01.csv", None, "takeout-data"),
 ])
 def test_derive_user_id(tmp_path, rel, kind, expected):
     data_dir = tmp_path / "data"
     assert derive_user_id(data_dir, data_dir / rel, kind=kind) == expected
     assert derive_user_id(data_dir, data_dir / rel, kind=kind) == expected  # deterministic
+
+
+@pytest.mark.parametrize("data_dir, rel, expected", [
+    ("alice/Takeout", "Fitbit/Global Export Data/heart_rate-2020-01-01.json", "takeout-alice"),
+    ("alice/Takeout", "Fitbit/Oxygen Saturation (SpO2)/Minute SpO2 - 2023-01-01.csv", "takeout-alice"),
+    ("alice/Takeout/Fitbit", "Heart Rate Variability/Heart Rate Variability Details - 2023-01-01.csv", "takeout-alice"),
+    ("bob/Takeout", "Fitbit/Global Export Data/heart_rate-2020-01-01.json", "takeout-bob"),
+    ("srv/takeout/carol", "Fitbit/Global Export Data/heart_rate-2020-01-01.json", "takeout-carol"),
+    ("dave/Fitbit/Global Export Data", "heart_rate-2020-01-01.json", "takeout-dave"),
+])
+def test_an_exports_id_comes_from_the_export_as_a_whole_wherever_data_dir_points(tmp_path, data_dir, rel, expected):
+    """Never a folder inside the export (one export, one id), and two people's exports, loaded
+    the same way, never one id."""
+    root = tmp_path / data_dir
+    assert derive_user_id(root, root / rel) == expected
+
+
+def test_an_export_whose_folders_name_no_one_has_no_derived_id():
+    root = Path("/Takeout")
+    assert derive_user_id(root, root / "Fitbit/Global Export Data/heart_rate-2020-01-01.json") is None
 
 
 def test_derive_user_id_outside_data_dir_uses_the_parent(tmp_path):

@@ -6,15 +6,22 @@ TimescaleDB; the loader runs in-process (`run`), as plain, with --workers 2 and 
 """
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import json
+import os
+import signal
+import sys
 import zlib
 
 import pytest
 
 import ingest
-from tests.conftest import rec
+from tests.conftest import ROOT, rec
 from tests.test_privileges import init_script, roles  # noqa: F401 (roles: a fixture)
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_fitbit_export import make_takeout
 
 MODES = pytest.mark.parametrize("args", [(), ("--workers", "2"), ("--dry-run",)], ids=["plain", "workers", "dry-run"])
 
@@ -229,3 +236,195 @@ def test_a_raw_data_that_is_not_a_hypertable_is_refused_before_any_row(run, empt
     assert run("--no-bootstrap") == 2
     assert "not a TimescaleDB hypertable" in one_error(capsys.readouterr().err)
     assert db.query("SELECT count(*) FROM public.raw_data") == [(0,)]
+
+
+# --- 8. a file that holds records is never ignored for where it lies --------------------------
+def task0_text(user: str, pad: int = 0) -> str:
+    first = {"note": "x" * pad, **rec(user=user)} if pad else rec(user=user)
+    return json.dumps([first, rec(user=user, ts="2024-01-01T00:00:01Z")], indent=2)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("heart_rate.json.gz", gzip.compress(task0_text("gz").encode())),
+    ("heart_rate.json", task0_text("utf16").encode("utf-16")),
+    ("heart_rate.json", task0_text("late", pad=10_000).encode()),
+    ("heart_rate.jsonl", "\n".join(json.dumps(r) for r in json.loads(task0_text("jsonl"))).encode()),
+], ids=["gzip", "utf-16", "user_id-after-4-KB", "json-lines"])
+@pytest.mark.parametrize("folder", ["fitbit", "Takeout/Fitbit/Global Export Data"])
+def test_task0_files_load_inside_a_folder_named_like_an_export(run, db, folder, name, content):
+    run.write(f"{folder}/{name}", content)
+    run.write(f"{folder}/sleep-2024-01-01.json", json.dumps([{"logId": 1, "dateOfSleep": "2024-01-01"}]))
+    assert run("-q") == 0
+    got = statuses(run)
+    assert got[f"{folder}/{name}"] == "loaded"
+    assert got[f"{folder}/sleep-2024-01-01.json"] == "ignored"  # an export's own JSON, no records
+    assert db.count() == 2
+
+
+# --- 1. one export, one id; two people's exports, two ids ------------------------------------
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_two_peoples_takeouts_loaded_from_their_takeout_folders_never_share_an_id(run, db, layout):
+    for person, seed in (("alice", 1), ("bob", 2)):
+        make_takeout(run.tmp / "homes", layout, days=2, user=person, seed=seed)
+    for person in ("alice", "bob"):
+        assert ingest.main(["--data-dir", str(run.tmp / "homes" / person / "Takeout"), "-q",
+                            "--reject-file", str(run.rejects), "--summary-json", str(run.summary_path)]) in (0, 1)
+        assert run.summary()["rows_duplicate"] == 0  # nothing of bob's taken for alice's
+    users = {u for (u,) in db.query("SELECT DISTINCT user_id FROM raw_data")}
+    assert users == {"takeout-alice", "takeout-bob"}
+
+
+# --- 10. a file that fails after some of its parts committed -----------------------------------
+@pytest.mark.parametrize("days, cut", [(150, 30), (250, 5)])
+def test_a_multi_part_file_failing_after_a_part_counts_its_committed_rows_and_says_it_failed(
+        run, db, capsys, days, cut):
+    text = json.dumps([rec(ts=f"{(dt.date(2024, 1, 1) + dt.timedelta(days=d)).isoformat()}T12:00:00Z")
+                       for d in range(days)], indent=1)
+    run.write("long.json", text[:-cut])  # truncated at the end: its last part cannot be read
+    run.write("z.json", [rec(user="u9")])
+    assert run() == 1
+    committed = db.count() - 1
+    assert committed > 0 and committed % 100 == 0  # whole parts of 100 days
+    files = {f["file"]: f for f in run.summary()["files"]}
+    assert files["long.json"]["status"] == "failed" and "file ends inside" in files["long.json"]["error"]
+    assert files["long.json"]["rows_inserted"] == committed
+    assert run.summary()["rows_inserted"] == committed + 1
+    assert db.query("SELECT status, error IS NOT NULL FROM ingest_files WHERE path = 'long.json'") == [("failed", True)]
+    capsys.readouterr()
+    assert ingest.main(["status"]) == 0
+    assert "long.json" in capsys.readouterr().out.split("files that failed")[1]
+    assert run() == 1  # unchanged: not read again, still failed, the committed part still there
+    assert statuses(run)["long.json"] == "failed_before" and db.count() == committed + 1
+
+
+# --- 9. a Takeout left in its archive -----------------------------------------------------------
+def zipped_export(path, member: str = "Takeout/Fitbit/Global Export Data/heart_rate-2024-01-01.json") -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member, json.dumps([{"dateTime": "01/01/24 00:00:00", "value": {"bpm": 60, "confidence": 2}}]))
+
+
+@pytest.mark.parametrize("name", ["takeout-20240101T000000Z-001.zip", "export.tgz", "Takeout.tar.gz"])
+def test_a_data_dir_holding_only_an_archive_says_to_extract_it_and_never_exits_0(run, db, capsys, name):
+    if name.endswith(".zip"):
+        zipped_export(run.data / name)
+    else:
+        import tarfile
+
+        with tarfile.open(run.data / name, "w:gz") as archive:
+            archive.add(__file__, arcname="Takeout/Fitbit/x.json")
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert "only 1 archive" in one_error(err) and "extract it" in err
+    assert db.count() == 0
+
+
+def test_an_archive_as_data_dir_says_to_extract_it(run, capsys):
+    archive = run.tmp / "takeout-20240101T000000Z-001.zip"
+    zipped_export(archive)
+    assert ingest.main(["--data-dir", str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert "is a zip archive, not a directory" in one_error(err) and "unzip" in err
+
+
+def test_an_archive_beside_data_is_named_in_a_warning_that_quiet_shows(run, db, capsys):
+    zipped_export(run.data / "takeout-20240101T000000Z-001.zip")
+    run.write("a.json", [rec()])
+    assert run("-q") == 0
+    assert "takeout-20240101T000000Z-001.zip is a zip archive" in capsys.readouterr().err
+    assert db.count() == 1
+
+
+# --- 5. two data directories, one database ------------------------------------------------------
+def same_name_same_stat(run, user_a: str, user_b: str, records_of) -> tuple:
+    a, b = run.tmp / "dir_a", run.tmp / "dir_b"
+    for folder, user in ((a, user_a), (b, user_b)):
+        folder.mkdir()
+        (folder / "heart_rate.json").write_text(json.dumps(records_of(user)))
+    st = (a / "heart_rate.json").stat()
+    os.utime(b / "heart_rate.json", ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p or rsync -t leave them
+    assert (b / "heart_rate.json").stat().st_size == st.st_size
+    return a, b
+
+
+def load_dir(run, folder, *args) -> int:
+    return ingest.main(["--data-dir", str(folder), "--reject-file", str(run.rejects), "--summary-json",
+                        str(run.summary_path), *args])
+
+
+def test_two_directories_with_the_same_file_names_sizes_and_times_each_load_their_own(run, db):
+    a, b = same_name_same_stat(run, "ua", "ub", lambda user: [rec(user=user, ts=f"2024-01-01T00:00:0{i}Z")
+                                                              for i in range(5)])
+    assert load_dir(run, a) == 0
+    assert load_dir(run, b) == 0
+    assert statuses(run)["heart_rate.json"] == "loaded"
+    assert db.query("SELECT user_id, count(*) FROM raw_data GROUP BY 1 ORDER BY 1") == [("ua", 5), ("ub", 5)]
+    assert load_dir(run, a) == 0 and statuses(run)["heart_rate.json"] == "skipped"  # each its own row
+    assert load_dir(run, b) == 0 and statuses(run)["heart_rate.json"] == "skipped"
+
+
+def days(user: str, n: int = 150) -> list[dict]:
+    return [rec(user=user, ts=f"{(dt.date(2024, 1, 1) + dt.timedelta(days=d)).isoformat()}T12:00:00Z")
+            for d in range(n)]
+
+
+def stop_after_the_first_part(monkeypatch):
+    """As if the run were stopped between the file's parts: the first part stays committed."""
+    def stopped(self, conn, df, done):
+        raise ingest.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(ingest._Loader, "_reclaim", stopped)
+
+
+def test_a_resume_is_never_taken_from_another_directorys_file_of_the_same_name(run, db, monkeypatch):
+    a, b = same_name_same_stat(run, "ua", "ub", days)
+    with monkeypatch.context() as patches:
+        stop_after_the_first_part(patches)
+        load_dir(run, a)
+    assert db.count() == 100  # dir_a's first part, committed
+    assert load_dir(run, b) == 0
+    assert db.query("SELECT count(*) FROM raw_data WHERE user_id = 'ub'") == [(150,)]  # all of dir_b's
+
+
+def test_a_resume_proves_it_is_the_same_file(run, db, monkeypatch):
+    path = run.write("heart_rate.json", days("u1"))
+    with monkeypatch.context() as patches:
+        stop_after_the_first_part(patches)
+        run()
+    assert db.count() == 100
+    st = path.stat()
+    path.write_text(json.dumps(days("u2")))  # other bytes, the same size and time
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    assert run() == 0
+    assert db.query("SELECT count(*) FROM raw_data WHERE user_id = 'u2'") == [(150,)]  # read from its start
+
+
+# --- 11. a re-run with corrected settings --------------------------------------------------------
+def test_a_rerun_with_other_settings_says_the_files_were_loaded_with_others(run, db, capsys):
+    make_takeout(run.data, "old", days=1, user="alice", seed=3)
+    assert run("--user-id", "wrong", "-q") in (0, 1)
+    recorded = {s for (s,) in db.query("SELECT DISTINCT settings FROM ingest_files WHERE status = 'loaded'")}
+    assert "user_id=wrong; source_timezone=UTC; format=auto" in recorded  # (a flat file among them has no user id)
+    assert all(s.endswith("source_timezone=UTC; format=auto") for s in recorded)
+    capsys.readouterr()
+    assert run("--user-id", "alice", "-q") in (0, 1)
+    err = capsys.readouterr().err
+    assert "were loaded with other settings (user_id=wrong; source_timezone=UTC; format=auto)" in err
+    assert "Loaded with the wrong settings" in err  # where the fix is documented
+    capsys.readouterr()
+    assert run("--user-id", "wrong", "-q") in (0, 1)  # the same settings again: nothing to say
+    assert "other settings" not in capsys.readouterr().err
+
+
+def test_a_manifest_keyed_by_path_alone_is_keyed_again_by_the_run_that_wrote_each_row(run, db):
+    run.write("a.json", [rec()])
+    assert run() == 0
+    db.query("ALTER TABLE public.ingest_files DROP CONSTRAINT ingest_files_pkey")  # as 0.2 left it
+    db.query("UPDATE public.ingest_files SET data_dir = ''")
+    db.query("ALTER TABLE public.ingest_files ADD PRIMARY KEY (path)")
+    db.query("COMMENT ON TABLE public.ingest_runs IS NULL")  # so that the schema is applied again
+    assert run() == 0
+    assert statuses(run) == {"a.json": "skipped"}  # known, not read again
+    assert db.query("SELECT data_dir FROM public.ingest_files") == [(str(run.data.resolve()),)]
