@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import signal
+import subprocess
 import sys
 import zlib
 
@@ -18,7 +19,7 @@ import pytest
 
 import ingest
 from tests.conftest import ROOT, rec
-from tests.test_privileges import init_script, roles  # noqa: F401 (roles: a fixture)
+from tests.test_privileges import PSQL, _owner_env, init_script, roles  # noqa: F401 (roles: a fixture)
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_fitbit_export import make_takeout
@@ -428,3 +429,23 @@ def test_a_manifest_keyed_by_path_alone_is_keyed_again_by_the_run_that_wrote_eac
     assert run() == 0
     assert statuses(run) == {"a.json": "skipped"}  # known, not read again
     assert db.query("SELECT data_dir FROM public.ingest_files") == [(str(run.data.resolve()),)]
+
+
+def test_forget_export_sql_lets_the_owner_replace_an_exports_rows(run, db):
+    make_takeout(run.data, "old", days=1, user="alice", seed=3)
+    assert run("--user-id", "wrong", "-q") in (0, 1)
+    loaded = db.query("SELECT count(*) FROM raw_data WHERE user_id = 'wrong'")[0][0]
+    assert loaded > 0
+    proc = subprocess.run([PSQL, "-X", "-v", "user_id=wrong", "-v", f"data_dir={run.data.resolve()}",
+                           "-v", "path_prefix=alice/", "-f", str(ROOT / "sql" / "forget_export.sql")],
+                          env=_owner_env(db), capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{loaded}" in proc.stdout
+    assert run("--user-id", "alice", "-q") in (0, 1)
+    assert db.query("SELECT user_id, count(*) FROM raw_data GROUP BY 1") == [("alice", loaded)]
+
+
+def test_forget_export_sql_does_nothing_without_its_settings(db):
+    proc = subprocess.run([PSQL, "-X", "-v", "user_id=wrong", "-f", str(ROOT / "sql" / "forget_export.sql")],
+                          env=_owner_env(db), capture_output=True, text=True, timeout=60, check=False)
+    assert "set the data directory" in proc.stdout + proc.stderr
