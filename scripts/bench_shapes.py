@@ -3,7 +3,7 @@
 
     eval "$(bash scripts/dev-db.sh env)" && .venv/bin/python scripts/bench_shapes.py [--records N] [--rounds R]
 
-The same records (one user, activity, one a minute, unique keys) are written in many spellings of
+The same records (one user, activity, one a second, unique keys) are written in many spellings of
 valid JSON, at N and 4N records (default N = 100,000). Each file is loaded by `python -m ingest`
 into a fresh database; a spelling's time is the best of R rounds (default 2). For each spelling
 the table gives the time at N and at 4N, the growth (4N time / N time: 4 is linear, the target is
@@ -30,7 +30,7 @@ GROWTH_LIMIT, RELATIVE_LIMIT = 5.0, 3.0
 
 
 def _ts(i: int) -> str:
-    return (START + dt.timedelta(minutes=i)).isoformat()
+    return (START + dt.timedelta(seconds=i)).isoformat()
 
 
 def _rec(i: int, value: str, ts: str | None = None, user: str = '"u1"', extra: str = "") -> str:
@@ -56,7 +56,7 @@ SHAPES: dict[str, Callable[[int], str]] = {
     "an extra field": lambda i: _rec(i, _plain_value(i), extra=', "unit": "steps"'),
     "\\u escapes in strings": lambda i: _rec(i, _plain_value(i), user='"\\u0075\\u0031"'),
     "timestamps with Z": lambda i: _rec(i, _plain_value(i), ts=_ts(i) + "Z"),
-    "timestamps with an offset": lambda i: _rec(i, _plain_value(i), ts=(START + dt.timedelta(minutes=i, hours=1))
+    "timestamps with an offset": lambda i: _rec(i, _plain_value(i), ts=(START + dt.timedelta(seconds=i, hours=1))
                                                 .isoformat() + "+01:00"),
     "fractional seconds": lambda i: _rec(i, _plain_value(i), ts=_ts(i) + ".250"),
     "1 % rejects": lambda i: _rec(i, '"n/a"' if i % 100 == 7 else _plain_value(i)),
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     scratch = a.scratch.resolve()
     bench.snapshot_loader(scratch)
-    root, work, logs = scratch / "shapes", scratch / "work", scratch / "logs"
+    # (the files are made again whenever this script changes)
+    root, work, logs = scratch / "shapes" / bench._sha(Path(__file__)), scratch / "work", scratch / "logs"
     work.mkdir(parents=True, exist_ok=True)
     spellings = [*SHAPES, *LAYOUTS]
     sizes = (a.records, 4 * a.records)
