@@ -510,39 +510,28 @@ class Bench:
             self.dbs.drop(db)
 
     def duckdb(self, ds: DataSet, root: Path, meta: dict) -> None:
-        if not self.duckdb_python:
-            self.add(ds, "duckdb", status="skipped", note=f"skipped: {self.duckdb_status}")
-            return
-        db = self.dbs.create(f"{ds.name}_duckdb")
-        try:
-            # The 2nd run finds every key present: DuckDB's INSERT OR IGNORE into a postgres table reads
-            # the table's keys back (COPY ... TO STDOUT) to find the conflicts, so it costs a table scan.
-            for variant, note in (("duckdb (1st load)", "first-wins, no validation"),
-                                  ("duckdb (2nd: all present)", "reads the table's keys back")):
-                cmd = [self.duckdb_python, str(DUCKDB_LOADER), str((root / "json").resolve())]
-                p = run_timed(cmd, self.child_env(db), self.logs, self.tag(ds, variant), self.work)
-                out = _last_json_line(p.stdout)
-                rows = self.dbs.count(db)
-                if p.code != 0:
-                    note += f"; exit {p.code}, see {p.stderr_path}"
-                if rows != meta["distinct_keys"]:
-                    note += f"; ROWS != {meta['distinct_keys']} distinct keys"
-                self.add(ds, variant, status="ok" if p.code == 0 else f"exit {p.code}", rows=rows,
-                         rows_inserted=out.get("rows_inserted"), seconds=p.seconds, rss_mb=p.rss_mb, note=note)
-                if p.code != 0:
-                    break
-        finally:
-            self.dbs.drop(db)
+        # The 2nd run finds every key present: DuckDB's INSERT OR IGNORE into a postgres table reads
+        # the table's keys back (COPY ... TO STDOUT) to find the conflicts, so it costs a table scan.
+        self.peer(ds, root, meta, "duckdb", self.duckdb_python, self.duckdb_status, DUCKDB_LOADER,
+                  (("duckdb (1st load)", "first-wins, no validation"),
+                   ("duckdb (2nd: all present)", "reads the table's keys back")))
 
     def polars(self, ds: DataSet, root: Path, meta: dict) -> None:
-        if not self.polars_python:
-            self.add(ds, "polars", status="skipped", note=f"skipped: {self.polars_status}")
+        self.peer(ds, root, meta, "polars", self.polars_python, self.polars_status, POLARS_LOADER,
+                  (("polars+adbc (1st load)", "first-wins per file, no validation"),
+                   ("polars+adbc (2nd: all present)", "")))
+
+    def peer(self, ds: DataSet, root: Path, meta: dict, name: str, python: str | None, status: str,
+             loader: Path, runs: tuple[tuple[str, str], ...]) -> None:
+        """A peer's loader run twice into one fresh database: its first load, then a run that
+        finds every key present."""
+        if not python:
+            self.add(ds, name, status="skipped", note=f"skipped: {status}")
             return
-        db = self.dbs.create(f"{ds.name}_polars")
+        db = self.dbs.create(f"{ds.name}_{name}")
         try:
-            for variant, note in (("polars+adbc (1st load)", "first-wins per file, no validation"),
-                                  ("polars+adbc (2nd: all present)", "")):
-                cmd = [self.polars_python, str(POLARS_LOADER), str((root / "json").resolve())]
+            for variant, note in runs:
+                cmd = [python, str(loader), str((root / "json").resolve())]
                 p = run_timed(cmd, self.child_env(db), self.logs, self.tag(ds, variant), self.work)
                 out = _last_json_line(p.stdout)
                 rows = self.dbs.count(db)
