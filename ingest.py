@@ -1206,13 +1206,26 @@ def _fast_is_exact(text: str | bytes, items: Sequence) -> bool:
     if values and not (-_PLAIN_NUMBER < min(values) and max(values) < _PLAIN_NUMBER):
         return False
     if 0 in values and any(type(v) is float and v == 0 for v in values):
-        return (_MAY_UNDERFLOW if type(text) is str else _MAY_UNDERFLOW_BYTES).search(text) is None
+        return not _may_underflow(text)
     return True
 
 
-# A negative exponent (1e-400), or a run of zeros long enough to hide a tiny fraction (0.000…1)
-_MAY_UNDERFLOW = re.compile(r"[0-9.][eE]-|0{300}")
-_MAY_UNDERFLOW_BYTES = re.compile(_MAY_UNDERFLOW.pattern.encode())
+def _may_underflow(text: str | bytes) -> bool:
+    """Does the text hold a number written with a negative exponent (1e-400), or a run of zeros
+    long enough to hide a tiny fraction (0.000…1)? Substring searches first (a window is 1 MB):
+    the regular expression only where an "e-" is there at all (in "alice-1" too, say)."""
+    if type(text) is str:
+        zeros, exponents, pattern = _ZEROS, ("e-", "E-"), _NEGATIVE_EXPONENT
+    else:
+        zeros, exponents, pattern = _ZEROS_BYTES, (b"e-", b"E-"), _NEGATIVE_EXPONENT_BYTES
+    if zeros in text:
+        return True
+    return any(map(text.__contains__, exponents)) and pattern.search(text) is not None
+
+
+_ZEROS, _ZEROS_BYTES = "0" * 300, b"0" * 300
+_NEGATIVE_EXPONENT = re.compile(r"[0-9.][eE]-")
+_NEGATIVE_EXPONENT_BYTES = re.compile(_NEGATIVE_EXPONENT.pattern.encode())
 
 
 _WS = re.compile(r"[ \t\n\r]*")
