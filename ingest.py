@@ -1493,7 +1493,7 @@ FLAT_SNIFF_CHARS = 1 << 20  # how much of a file's text is read, at most, to fin
 
 
 def _holds_flat_records(path: Path, gzipped: bool, head: bytes) -> bool:
-    """Is the first record of this file an object with a key of the flat format? Asked of a .json
+    """Is the first record of this file an object with the flat format's user_id? Asked of a .json
     (or JSON Lines) file in an export's folder, whose name cannot tell a Task-0 file from the
     export's own JSON. Read as the loader reads it (gzip, UTF-16/32 with a BOM), far enough for its
     first record; the first 4 KB, ``head``, settle most files without opening them again."""
@@ -1509,16 +1509,17 @@ def _holds_flat_records(path: Path, gzipped: bool, head: bytes) -> bool:
 
 
 def _first_record_is_flat(text: str, complete: bool) -> bool | None:
-    """From a file's first characters: does its first record hold a key of the flat format? None
-    when the record goes on past them (and ``complete`` is False: there is more to read)."""
+    """From a file's first characters: does its first record hold the flat format's "user_id" (a
+    key no export's own JSON has; "value" and "timestamp" they have)? None when the record goes on
+    past them (and ``complete`` is False: there is more to read)."""
     start = len(text) - len(text.lstrip("\ufeff \t\r\n["))
     try:
         first, _ = _FAST.raw_decode(text, start)
-    except (ValueError, RecursionError):  # cut short, or not JSON: by its keys as written
+    except (ValueError, RecursionError):  # cut short, or not JSON: by the key as written
         if not complete:
             return None
-        return any(f'"{key}"' in text for key in REQUIRED_KEYS)
-    return type(first) is dict and any(key in first for key in REQUIRED_KEYS)
+        return '"user_id"' in text
+    return type(first) is dict and "user_id" in first
 
 
 def _head(path: Path) -> bytes:
@@ -3965,7 +3966,7 @@ class _Loader:
     def _attempt(self, df: DataFile, wait_ms: int, retrying: bool) -> FileResult:
         """One try of the pipeline; the file's own failures become a failed result. Raises _Lost
         when the connection was lost or stalled, or the lost one still holds the file's claim."""
-        self.in_file = False
+        self.in_file, self.committed = False, (0, Counts(), Counts())  # nothing of this file yet
         try:
             conn = self._connection()
             with self.stop.watching(conn, functools.partial(self._server_busy, conn.info.backend_pid)):

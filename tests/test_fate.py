@@ -323,7 +323,7 @@ def test_legacy_table_of_another_type_is_refused_with_the_fix(run, empty_db, ddl
     run.write("a.json", [rec(ts="2024-01-01T00:00:00+05:00", value=61.123456789)])
     assert run() == 2
     err = capsys.readouterr().err
-    assert fragment in err and "Fix: ALTER TABLE raw_data ALTER COLUMN" in err
+    assert fragment in err and "Fix: ALTER TABLE public.raw_data ALTER COLUMN" in err
     assert empty_db.query("SELECT count(*) FROM raw_data") == [(0,)]
 
 
