@@ -3184,6 +3184,74 @@ def connect_db(conninfo: dict, *, describe: str = "the database"):
     return conn
 
 
+MIN_TIMESCALEDB = (2, 0)  # timescaledb_information.dimensions, create_hypertable(migrate_data)
+# What the server is, from its catalogs alone: nothing here loads TimescaleDB's library, which a
+# server that does not preload it answers with a FATAL that ends the connection. Preloaded, it
+# defines the setting timescaledb.license in every session of a database that has the extension
+# (shared_preload_libraries itself is readable by superusers only).
+_SERVER_SQL = """
+SELECT coalesce(current_setting('timescaledb.license', true), '') <> '', pg_is_in_recovery(),
+       (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'),
+       (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'), current_setting('server_version')
+"""
+
+
+def check_server(conn) -> None:
+    """Refuse, before anything else, a server that cannot take this loader's rows: TimescaleDB
+    not installed, not preloaded, too old; a standby. Each is a ConfigError (exit 2) that names the
+    setting and the fix: waiting and retrying (cron) would not help."""
+    with conn.cursor() as cur:
+        cur.execute(_SERVER_SQL)
+        preloaded, recovering, available, installed, version = cur.fetchone()
+    conn.commit()
+    problem = None
+    if recovering:
+        problem = ConfigError("the server is a standby (in recovery): it cannot take writes")
+        problem.hint = "point the loader at the primary server"
+    elif available is None and installed is None:
+        problem = ConfigError(f"TimescaleDB is not installed on this server (PostgreSQL {version})")
+        problem.hint = "install the timescaledb package for this PostgreSQL major, preload it, and restart the server"
+    elif installed is not None and not preloaded:
+        problem = _not_preloaded()
+    elif installed is not None and _version_tuple(installed) < MIN_TIMESCALEDB:
+        problem = ConfigError(f"TimescaleDB {installed} in this database is older than this loader supports "
+                              f"({'.'.join(map(str, MIN_TIMESCALEDB))} or newer)")
+        problem.hint = "update it as its owner: ALTER EXTENSION timescaledb UPDATE (after installing a newer package)"
+    if problem is not None:
+        raise problem
+
+
+def _not_preloaded(what: str = 'TimescaleDB is installed but not preloaded: the server ends every session that '
+                   'touches it with "FATAL: extension "timescaledb" must be preloaded"') -> ConfigError:
+    problem = ConfigError(what)
+    problem.hint = ("add timescaledb to shared_preload_libraries (ALTER SYSTEM SET shared_preload_libraries = "
+                    "'timescaledb', or postgresql.conf), then restart the server")
+    return problem
+
+
+def _extension_would_not_load(cfg: Config) -> bool:
+    """After the session that applied the schema was lost: is the timescaledb extension still
+    missing here, though the server has it? (A server that does not preload TimescaleDB ends the
+    session that runs CREATE EXTENSION, before a database has it.)"""
+    try:
+        probe = connect_db({**cfg.conninfo, "connect_timeout": 3}, describe=cfg.describe_db())
+    except IngestError:
+        return False
+    try:
+        with probe.cursor() as cur:
+            cur.execute("SELECT NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'timescaledb') "
+                        "AND EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb')")
+            return cur.fetchone()[0]
+    except _psycopg2().Error:
+        return False
+    finally:
+        probe.close()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
 def apply_schema(conn, schema_sql: str) -> None:
     """Apply sql/schema.sql in one transaction, serialised between loaders by an advisory lock.
 
@@ -4452,8 +4520,15 @@ def _prepare(conn, cfg: Config) -> int:
     """Bootstrap the schema (unless --no-bootstrap) and check raw_data; return its chunk interval."""
     psycopg2 = _psycopg2()
     try:
+        check_server(conn)
         if cfg.bootstrap:
-            apply_schema(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
+            try:
+                apply_schema(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
+            except psycopg2.OperationalError as exc:
+                if _is_transient(exc) and _extension_would_not_load(cfg):
+                    raise _not_preloaded("the server ended the session that created the timescaledb extension: "
+                                         "TimescaleDB is installed but, most likely, not preloaded") from None
+                raise
         return check_table(conn)
     except psycopg2.Error as exc:
         _rollback(conn)
